@@ -12,8 +12,12 @@ Defaults: `None` means "the algorithm's or mode's own default", resolved by `res
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -117,12 +121,39 @@ class TrainConfig:
 
 
 @dataclass
+class PPOConfig:
+    """PPO (arXiv 2203.02155) as in the swift document; names and defaults follow TRL's PPOv2 trainer."""
+
+    reward_model_id_or_path: str | None = field(
+        default=None, metadata={"help": "PPO: reward model directory (an RM run's output: base model + "
+                                "value_head.safetensors); the value model starts from it too."})
+    reward_model_type: str | None = field(
+        default=None, metadata={"help": "PPO: model family hint of the reward model (e.g. llama3-8b-instruct)."})
+    local_rollout_forward_batch_size: int = field(
+        default=64, metadata={"help": "PPO: prompts per no-grad forward pass while sampling rollouts, per process."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "PPO: whiten (normalise) the rewards."})
+    kl_coef: float = field(default=0.05, metadata={"help": "PPO: weight of the per-token KL penalty to the reference."})
+    cliprange: float = field(default=0.2, metadata={"help": "PPO: clip range of the policy loss."})
+    vf_coef: float = field(default=0.1, metadata={"help": "PPO: weight of the value loss."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "PPO: clip range of the value loss."})
+    gamma: float = field(default=1.0, metadata={"help": "PPO: discount factor of the cumulative reward."})
+    lam: float = field(default=0.95, metadata={"help": "PPO: GAE lambda (arXiv 1506.02438)."})
+    num_sample_generations: int = field(
+        default=10, metadata={"help": "PPO: debug samples generated and logged during training."})
+    response_length: int = field(default=53, metadata={"help": "PPO: max tokens sampled per response."})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "PPO: optimisation epochs over each rollout batch."})
+    num_mini_batches: int = field(default=1, metadata={"help": "PPO: mini-batches each rollout batch is split into."})
+    temperature: float = field(default=0.7, metadata={"help": "PPO: sampling temperature of the rollouts."})
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     data: DataConfig = field(default_factory=DataConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,6 +165,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "algorithm": AlgorithmConfig,
     "train": TrainConfig,
+    "ppo": PPOConfig,
 }
 
 # Old or alternative spellings -> canonical field name.
@@ -144,3 +176,223 @@ FLAG_ALIASES: dict[str, str] = {
     "lora_r": "lora_rank",
     "train_type": "sft_type",
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults that depend on other fields
+# ---------------------------------------------------------------------------------------------
+
+RLHF_TYPES: tuple[str, ...] = ("dpo", "kto", "cpo", "orpo", "simpo", "rm", "ppo", "sft")
+# The swift document's beta defaults; ORPO passes its lambda as --beta. rm/ppo/sft have no beta.
+DEFAULT_BETA: dict[str, float] = {"dpo": 0.1, "kto": 0.1, "cpo": 0.1, "orpo": 0.1, "simpo": 2.0}
+DEFAULT_LEARNING_RATE: dict[str, float] = {"lora": 1e-4, "full": 1e-5}
+DEEPSPEED_PRESETS: tuple[str, ...] = ("zero0", "zero2", "zero3", "zero3_offload")
+
+
+def resolve_defaults(cfg: Config) -> Config:
+    """Return a copy of `cfg` with every `None` meaning "the algorithm's default" filled in.
+
+    beta per rlhf_type (`DEFAULT_BETA`), learning_rate per sft_type (`DEFAULT_LEARNING_RATE`),
+    max_tokens_per_batch = max_length. Idempotent; fields the user set are kept.
+    """
+    out = copy.deepcopy(cfg)
+    if out.algorithm.beta is None:
+        out.algorithm.beta = DEFAULT_BETA.get(out.algorithm.rlhf_type)
+    if out.train.learning_rate is None:
+        out.train.learning_rate = DEFAULT_LEARNING_RATE.get(out.tuning.sft_type)
+    if out.data.max_tokens_per_batch is None:
+        out.data.max_tokens_per_batch = out.data.max_length
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every problem at once, each with what to do
+# ---------------------------------------------------------------------------------------------
+
+def _choice(errors: list[str], flag: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        errors.append(f"--{flag} {value!r} is not valid; use one of: {', '.join(allowed)}.")
+
+
+def _at_least(errors: list[str], flag: str, value: float | None, low: float) -> None:
+    if value is not None and value < low:
+        errors.append(f"--{flag} is {value}; it must be >= {low}.")
+
+
+def _in_range(errors: list[str], flag: str, value: float, low: float, high: float) -> None:
+    if not low <= value < high:
+        errors.append(f"--{flag} is {value}; it must be in [{low}, {high}).")
+
+
+def _model_errors(m: ModelConfig, t: TuningConfig) -> list[str]:
+    errors: list[str] = []
+    _choice(errors, "template", m.template, ("auto", "chatml", "tokenizer"))
+    _choice(errors, "torch_dtype", m.torch_dtype, ("auto", "bfloat16", "float16", "float32"))
+    _choice(errors, "attn_impl", m.attn_impl, ("auto", "sdpa", "eager", "flash_attention_2"))
+    _choice(errors, "sft_type", t.sft_type, ("lora", "full"))
+    _at_least(errors, "lora_rank", t.lora_rank, 1)
+    _in_range(errors, "lora_dropout", t.lora_dropout, 0.0, 1.0)
+    if not t.lora_target_modules:
+        errors.append("--lora_target_modules is empty; give ALL, DEFAULT or module names.")
+    return errors
+
+
+def _data_errors(d: DataConfig) -> list[str]:
+    errors: list[str] = []
+    _in_range(errors, "split_dataset_ratio", d.split_dataset_ratio, 0.0, 1.0)
+    _at_least(errors, "max_length", d.max_length, 16)
+    if d.max_tokens_per_batch is not None and d.max_tokens_per_batch < d.max_length:
+        errors.append(f"--max_tokens_per_batch {d.max_tokens_per_batch} is below --max_length {d.max_length}: "
+                      "a full-length example would not fit; raise it or leave it unset (= max_length).")
+    _at_least(errors, "num_eval_generations", d.num_eval_generations, 0)
+    _at_least(errors, "max_new_tokens", d.max_new_tokens, 1)
+    return errors
+
+
+def _algorithm_errors(a: AlgorithmConfig) -> list[str]:
+    errors: list[str] = []
+    _choice(errors, "rlhf_type", a.rlhf_type, RLHF_TYPES)
+    _choice(errors, "loss_type", a.loss_type, ("sigmoid", "ipo", "hinge"))
+    _choice(errors, "logprob_impl", a.logprob_impl, ("auto", "cuda", "torch"))
+    _at_least(errors, "beta", a.beta, 0.0)
+    _at_least(errors, "rpo_alpha", a.rpo_alpha, 0.0)
+    _in_range(errors, "label_smoothing", a.label_smoothing, 0.0, 0.5)
+    _at_least(errors, "cpo_alpha", a.cpo_alpha, 0.0)
+    _at_least(errors, "desirable_weight", a.desirable_weight, 0.0)
+    _at_least(errors, "undesirable_weight", a.undesirable_weight, 0.0)
+    return errors
+
+
+def _deepspeed_errors(deepspeed: str) -> list[str]:
+    if deepspeed in DEEPSPEED_PRESETS:
+        return []
+    path = Path(deepspeed)
+    if path.suffix == ".json" and path.is_file():
+        return []
+    return [f"--deepspeed {deepspeed!r} is neither a preset ({', '.join(DEEPSPEED_PRESETS)}) "
+            "nor an existing .json file; pick a preset or fix the path."]
+
+
+def _train_errors(t: TrainConfig) -> list[str]:
+    errors: list[str] = []
+    _at_least(errors, "batch_size", t.batch_size, 1)
+    _at_least(errors, "gradient_accumulation_steps", t.gradient_accumulation_steps, 1)
+    _in_range(errors, "warmup_ratio", t.warmup_ratio, 0.0, 1.0)
+    if t.learning_rate is not None and t.learning_rate <= 0:
+        errors.append(f"--learning_rate is {t.learning_rate}; it must be > 0.")
+    if t.max_steps <= 0 and t.num_train_epochs <= 0:
+        errors.append("nothing to train: set --num_train_epochs > 0 or --max_steps > 0.")
+    _at_least(errors, "max_grad_norm", t.max_grad_norm, 0.0)
+    _at_least(errors, "logging_steps", t.logging_steps, 1)
+    _at_least(errors, "save_steps", t.save_steps, 1)
+    _at_least(errors, "eval_steps", t.eval_steps, 0)
+    _at_least(errors, "save_total_limit", t.save_total_limit, 1)
+    _at_least(errors, "num_threads", t.num_threads, 1)
+    errors += _deepspeed_errors(t.deepspeed)
+    bad = [r for r in t.report_to if r not in ("none", "wandb", "tensorboard")]
+    if bad:
+        errors.append(f"--report_to {' '.join(bad)} is not supported; use none, wandb and/or tensorboard.")
+    return errors
+
+
+def _ppo_errors(p: PPOConfig) -> list[str]:
+    errors: list[str] = []
+    for flag in ("local_rollout_forward_batch_size", "response_length", "num_ppo_epochs", "num_mini_batches"):
+        _at_least(errors, flag, getattr(p, flag), 1)
+    for flag in ("kl_coef", "vf_coef", "cliprange", "cliprange_value", "num_sample_generations"):
+        _at_least(errors, flag, getattr(p, flag), 0)
+    for flag in ("gamma", "lam"):
+        value = getattr(p, flag)
+        if not 0.0 <= value <= 1.0:
+            errors.append(f"--{flag} is {value}; it must be in [0, 1].")
+    if p.temperature <= 0:
+        errors.append(f"--temperature is {p.temperature}; it must be > 0 (sampling needs a positive temperature).")
+    return errors
+
+
+def validate(cfg: Config) -> None:
+    """Raise one ValueError listing every invalid setting of `cfg`, each with what to do."""
+    errors = (_model_errors(cfg.model, cfg.tuning) + _data_errors(cfg.data) + _algorithm_errors(cfg.algorithm)
+              + _train_errors(cfg.train) + _ppo_errors(cfg.ppo))
+    if errors:
+        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: the resolved configuration is dumped into the run directory and loads back via --config
+# ---------------------------------------------------------------------------------------------
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The configuration nested by section: {"algorithm": {"beta": 0.1, ...}, ...}."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, *, fmt: str = "yaml") -> str:
+    """Text of `cfg` as YAML (`fmt="yaml"`, JSON when PyYAML is missing) or JSON (`fmt="json"`)."""
+    data = config_to_dict(cfg)
+    if fmt == "yaml":
+        try:
+            import yaml
+        except ImportError:
+            fmt = "json"
+        else:
+            return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    if fmt != "json":
+        raise ValueError(f"unknown config format {fmt!r}; use yaml or json.")
+    return json.dumps(data, indent=2) + "\n"
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write `cfg` to `path` (JSON for a .json path, else YAML; JSON is valid YAML if PyYAML is missing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_config(cfg, fmt="json" if path.suffix == ".json" else "yaml"), encoding="utf-8")
+    return path
+
+
+def _yaml_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that reads `1e-5` as a float: YAML 1.1 would make it a string."""
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    return Loader
+
+
+def _parse_config_text(text: str, suffix: str) -> Any:
+    if suffix == ".json":
+        return json.loads(text)
+    if suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        return tomllib.loads(text)
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass: no arbitrary objects
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a .toml, .yaml/.yml or .json config file into a dict (flat or nested by section).
+
+    Only the syntax is checked here; `hpalign.cli_args` checks keys and value types.
+    """
+    path = Path(path)
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ValueError(f"config file {path} must end in .toml, .yaml, .yml or .json.")
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist; check the --config path.")
+    try:
+        data = _parse_config_text(path.read_text(encoding="utf-8"), path.suffix)
+    except ValueError as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ValueError(f"config file {path} is not valid {path.suffix[1:].upper()}: {exc}") from exc
+    except Exception as exc:  # yaml.YAMLError
+        raise ValueError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}.")
+    return data

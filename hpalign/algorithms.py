@@ -1,0 +1,117 @@
+"""The algorithm table: name -> objective, data kind, whether it needs a reference model, defaults.
+
+An objective turns per-sequence statistics of one micro-batch into (loss, metrics). Both are
+contributions already divided by the GLOBAL count of the optimizer step (examples or tokens, summed
+over micro-batches and ranks: `StepCounts`), so summing them over micro-batches and ranks gives
+exactly the big-batch value (STYLE.md: normalise once per optimizer step). The maths lives in
+`hpalign.losses`; this file only wires tensors to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from hpalign import losses
+from hpalign.config import AlgorithmConfig
+
+
+@dataclass
+class SequenceStats:
+    """Per-sequence sums over response tokens for one micro-batch, reshaped example-major."""
+
+    logps_ER: torch.Tensor  # [E, R] summed log p(response token), R = responses per example
+    num_tokens_ER: torch.Tensor  # [E, R] response token counts (float)
+
+    @property
+    def mean_logps_ER(self) -> torch.Tensor:
+        return self.logps_ER / self.num_tokens_ER.clamp(min=1)
+
+
+@dataclass
+class StepCounts:
+    """Global counts of one optimizer step (all micro-batches, all ranks)."""
+
+    num_examples: float
+    num_tokens: float  # response tokens of every response
+    num_chosen_tokens: float  # response tokens of response 0 (the chosen answer)
+
+
+Metrics = dict[str, torch.Tensor]
+Objective = Callable[[SequenceStats, "SequenceStats | None", StepCounts, AlgorithmConfig],
+                     tuple[torch.Tensor, Metrics]]
+
+
+def _per_example(metrics_B: Metrics, counts: StepCounts) -> Metrics:
+    return {name: values.sum() / counts.num_examples for name, values in metrics_B.items()}
+
+
+def _with_chosen_nll(loss: torch.Tensor, metrics: Metrics, policy: SequenceStats, counts: StepCounts,
+                     weight: float) -> tuple[torch.Tensor, Metrics]:
+    """Add weight * token-mean NLL of the chosen answers (DPO's rpo_alpha, CPO/SimPO/ORPO's NLL)."""
+    nll = losses.rpo_nll_sum(policy.logps_ER[:, 0]).sum() / counts.num_chosen_tokens
+    metrics["nll_loss"] = nll.detach()
+    return (loss + weight * nll if weight else loss), metrics
+
+
+def dpo_objective(policy, reference, counts, cfg):
+    losses_B, metrics_B = losses.dpo_losses(
+        policy.logps_ER[:, 0], policy.logps_ER[:, 1], reference.logps_ER[:, 0], reference.logps_ER[:, 1],
+        beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
+    loss = losses_B.sum() / counts.num_examples
+    return _with_chosen_nll(loss, _per_example(metrics_B, counts), policy, counts, cfg.rpo_alpha)
+
+
+def cpo_objective(policy, reference, counts, cfg):
+    losses_B, metrics_B = losses.cpo_losses(
+        policy.logps_ER[:, 0], policy.logps_ER[:, 1], beta=cfg.beta, label_smoothing=cfg.label_smoothing)
+    loss = losses_B.sum() / counts.num_examples
+    return _with_chosen_nll(loss, _per_example(metrics_B, counts), policy, counts, cfg.cpo_alpha)
+
+
+def simpo_objective(policy, reference, counts, cfg):
+    mean_ER = policy.mean_logps_ER
+    losses_B, metrics_B = losses.simpo_losses(
+        mean_ER[:, 0], mean_ER[:, 1], beta=cfg.beta, gamma=cfg.simpo_gamma,
+        label_smoothing=cfg.label_smoothing)
+    loss = losses_B.sum() / counts.num_examples
+    return _with_chosen_nll(loss, _per_example(metrics_B, counts), policy, counts, cfg.cpo_alpha)
+
+
+def orpo_objective(policy, reference, counts, cfg):
+    mean_ER = policy.mean_logps_ER
+    losses_B, metrics_B = losses.orpo_losses(mean_ER[:, 0], mean_ER[:, 1], beta=cfg.beta)
+    loss = losses_B.sum() / counts.num_examples
+    return _with_chosen_nll(loss, _per_example(metrics_B, counts), policy, counts, 1.0)
+
+
+def sft_objective(policy, reference, counts, cfg):
+    nll = -policy.logps_ER.sum() / counts.num_tokens
+    return nll, {"nll_loss": nll.detach()}
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    objective: Objective
+    data_kind: str  # "pair" | "kto" | "sft"
+    needs_reference: bool
+    default_beta: float | None
+    paper: str
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "dpo": Algorithm("dpo", dpo_objective, "pair", True, 0.1, "arXiv 2305.18290"),
+    "cpo": Algorithm("cpo", cpo_objective, "pair", False, 0.1, "arXiv 2401.08417"),
+    "simpo": Algorithm("simpo", simpo_objective, "pair", False, 2.0, "arXiv 2405.14734"),
+    "orpo": Algorithm("orpo", orpo_objective, "pair", False, 0.1, "arXiv 2403.07691"),
+    "sft": Algorithm("sft", sft_objective, "sft", False, None, "supervised fine-tuning"),
+}
+
+
+def get_algorithm(name: str) -> Algorithm:
+    if name not in ALGORITHMS:
+        raise ValueError(f"--rlhf_type {name!r} is not implemented yet; available: {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[name]

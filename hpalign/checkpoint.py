@@ -1,0 +1,118 @@
+"""Checkpoints: HF-loadable weights + full trainer state, written atomically.
+
+Layout of `run_dir/checkpoint-<step>/`:
+  adapter_model.safetensors + adapter_config.json   (LoRA)   or   model.safetensors + config.json (full)
+  tokenizer files, value_head.safetensors (RM / PPO value model)
+  trainer_state.json   global step, epoch, data position, config digest
+  rng_state_<rank>.pt  python / torch RNG per rank
+  deepspeed/           DeepSpeed's own optimizer + scheduler + (partitioned) model state, for resume
+
+Everything is written into `run_dir/.tmp-checkpoint-<step>` and renamed into place only when complete,
+so a run killed mid-save leaves the previous checkpoint intact (and at most a .tmp folder that the
+next save removes). `save_total_limit` keeps the newest N. Multi-node runs need `output_dir` on a
+shared file system, as DeepSpeed itself does.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpalign.train import distributed
+
+STATE_FILE = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    found = [p for p in run_dir.glob("checkpoint-*") if _CHECKPOINT_RE.match(p.name) and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(_CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def resolve_resume_path(spec: str, run_dir: Path | None = None) -> Path:
+    """`latest` -> the newest complete checkpoint of run_dir; otherwise the given directory."""
+    if spec == "latest":
+        found = list_checkpoints(run_dir) if run_dir else []
+        if not found:
+            raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint in {run_dir}")
+        return found[-1]
+    path = Path(spec)
+    if not (path / STATE_FILE).exists():
+        raise ValueError(f"--resume_from_checkpoint {spec}: not a complete hpalign checkpoint "
+                         f"(no {STATE_FILE}); pass a run_dir/checkpoint-<step> folder or `latest`")
+    return path
+
+
+def _consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The full (unpartitioned) state dict on rank 0 under ZeRO-3; None means 'use the module's own'."""
+    if engine.zero_optimization_stage() != 3:
+        return None
+    return engine._zero3_consolidated_16bit_state_dict()  # collective: every rank must call it
+
+
+def save_checkpoint(engine, *, run_dir: Path, step: int, tokenizer, trainer_state: dict[str, Any],
+                    save_total_limit: int | None, extra_saver=None) -> Path:
+    """Write checkpoint-<step> atomically (a collective: every rank calls it)."""
+    from hpalign.model import save_pretrained_weights
+
+    final = run_dir / f"checkpoint-{step}"
+    tmp = run_dir / f".tmp-checkpoint-{step}"
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+    state_dict = _consolidated_state_dict(engine)
+    torch.save(_rng_state(), tmp / f"rng_state_{distributed.rank()}.pt")
+    if distributed.is_main():
+        save_pretrained_weights(engine.module, tmp, state_dict=state_dict, tokenizer=tokenizer)
+        if extra_saver is not None:
+            extra_saver(tmp)
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+    distributed.barrier()
+    if distributed.is_main():
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        _rotate(run_dir, save_total_limit)
+    distributed.barrier()
+    return final
+
+
+def _rotate(run_dir: Path, save_total_limit: int | None) -> None:
+    if not save_total_limit or save_total_limit < 1:
+        return
+    for old in list_checkpoints(run_dir)[:-save_total_limit]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(engine, path: Path) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and this rank's RNG; return the trainer state."""
+    load_path, _ = engine.load_checkpoint(str(path / "deepspeed"), tag="state",
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise ValueError(f"DeepSpeed could not load the state in {path / 'deepspeed'}")
+    rng_file = path / f"rng_state_{distributed.rank()}.pt"
+    if rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

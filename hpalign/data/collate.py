@@ -1,0 +1,174 @@
+"""Batches of tokenized examples: padded (one sequence per row) or packed (token-budget rows).
+
+Both give the same `SequenceBatch` fields, so a loss never knows which it got. A sequence is
+prompt + one response; sequence `e * num_responses + k` is response k (0 chosen, 1 rejected) of
+example e, so per-sequence sums reshape to [E, num_responses]. Labels are shifted already:
+`labels[r, t]` is the token at t + 1 when that token is a response token of the same sequence,
+else -100; prompt tokens, the last token of each sequence and padding carry no loss, and no
+token predicts across a sequence boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from hpalign.data.types import TokenizedExample
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SequenceBatch:
+    """R rows of length L holding S sequences of E examples (S = E * num_responses)."""
+
+    input_ids: torch.Tensor  # [R, L] long, pad_id where padded
+    position_ids: torch.Tensor  # [R, L] long, restarts at 0 for every sequence; 0 on padding
+    labels: torch.Tensor  # [R, L] long, next response token or -100 (see the module docstring)
+    seq_index: torch.Tensor  # [R, L] long, sequence id 0..S-1, -1 on padding
+    attention_mask: torch.Tensor  # [R, L] long, 1 real token, 0 padding
+    cu_seqlens: torch.Tensor  # [S + 1] int32, cumulative lengths in row-major order of the real tokens
+    max_seqlen: int
+    num_sequences: int
+    num_examples: int
+    num_responses: int
+    kto_labels: torch.Tensor | None  # [E] bool, KTO only
+    margins: torch.Tensor | None  # [E] float, when the data has margins (RM)
+    num_loss_tokens: int  # (labels != -100).sum()
+
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        """A copy with every tensor on `device`."""
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return SequenceBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+
+
+def sequence_labels(ids: list[int], prompt_len: int) -> list[int]:
+    """Shifted labels of one sequence: ids[t + 1] where t + 1 >= prompt_len, else -100 (last: -100)."""
+    return [ids[t + 1] if t + 1 >= prompt_len else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
+
+
+def _num_responses(examples: list[TokenizedExample]) -> int:
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    counts = {len(ex.responses) for ex in examples}
+    if len(counts) != 1:
+        raise ValueError(f"examples in one batch must have the same number of responses, got {sorted(counts)}")
+    return counts.pop()
+
+
+def _example_tensors(examples: list[TokenizedExample]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    labels = [ex.label for ex in examples]
+    if any(label is not None for label in labels) and any(label is None for label in labels):
+        raise ValueError("a batch mixes KTO examples (with a label) and examples without one")
+    kto_labels = torch.tensor(labels, dtype=torch.bool) if labels[0] is not None else None
+    has_margin = any(ex.margin is not None for ex in examples)
+    # A missing margin is 0, the value that leaves the reward-model loss unchanged.
+    margins = (torch.tensor([ex.margin or 0.0 for ex in examples], dtype=torch.float32)
+               if has_margin else None)
+    return kto_labels, margins
+
+
+def _sequences(examples: list[TokenizedExample]) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) of every sequence in example-major order."""
+    return [(ex.prompt_ids + response, len(ex.prompt_ids)) for ex in examples for response in ex.responses]
+
+
+def _assemble(examples: list[TokenizedExample], rows: list[list[int]], *, pad_id: int) -> SequenceBatch:
+    """Lay the sequences listed per row (sequence ids, in row order) into right-padded tensors."""
+    num_responses = _num_responses(examples)
+    sequences = _sequences(examples)
+    width = max(sum(len(sequences[s][0]) for s in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    seq_index = torch.full((len(rows), width), -1, dtype=torch.long)
+    lengths_in_order = []
+    for r, row in enumerate(rows):
+        start = 0
+        for s in row:
+            ids, prompt_len = sequences[s]
+            end = start + len(ids)
+            input_ids[r, start:end] = torch.tensor(ids)
+            position_ids[r, start:end] = torch.arange(len(ids))
+            labels[r, start:end] = torch.tensor(sequence_labels(ids, prompt_len))
+            seq_index[r, start:end] = s
+            lengths_in_order.append(len(ids))
+            start = end
+    cu_seqlens = torch.zeros(len(sequences) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(torch.tensor(lengths_in_order), 0)
+    kto_labels, margins = _example_tensors(examples)
+    return SequenceBatch(
+        input_ids=input_ids, position_ids=position_ids, labels=labels, seq_index=seq_index,
+        attention_mask=(seq_index >= 0).long(), cu_seqlens=cu_seqlens, max_seqlen=max(lengths_in_order),
+        num_sequences=len(sequences), num_examples=len(examples), num_responses=num_responses,
+        kto_labels=kto_labels, margins=margins, num_loss_tokens=int((labels != IGNORE_INDEX).sum()),
+    )
+
+
+def pad_batch(examples: list[TokenizedExample], *, pad_id: int) -> SequenceBatch:
+    """One sequence (prompt + response k) per row, right-padded: R = S rows of the longest length."""
+    num_responses = _num_responses(examples)
+    return _assemble(examples, [[s] for s in range(len(examples) * num_responses)], pad_id=pad_id)
+
+
+def example_lengths(examples: list[TokenizedExample]) -> list[int]:
+    """Tokens an example takes in a packed row: sum over responses of len(prompt) + len(response)."""
+    return [sum(len(ex.prompt_ids) + len(r) for r in ex.responses) for ex in examples]
+
+
+def plan_rows(lengths: list[int], *, max_tokens_per_row: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing of item lengths into rows of at most `max_tokens_per_row`.
+
+    Items go longest first (ties by index) into the row with the least room that still fits
+    them, else into a new row; an item longer than the budget gets a row of its own, never split.
+    Returns the item indices of each row, ascending within a row.
+    """
+    if max_tokens_per_row <= 0:
+        raise ValueError(f"max_tokens_per_row must be positive, got {max_tokens_per_row}")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fits = [r for r in range(len(rows)) if room[r] >= lengths[i]]
+        if fits:
+            best = min(fits, key=lambda r: (room[r], r))
+            rows[best].append(i)
+            room[best] -= lengths[i]
+        else:
+            rows.append([i])
+            room.append(max_tokens_per_row - lengths[i])
+    return [sorted(row) for row in rows]
+
+
+def pack_batch(examples: list[TokenizedExample], *, pad_id: int, max_tokens_per_row: int) -> SequenceBatch:
+    """Pack whole examples into rows of at most `max_tokens_per_row` tokens (`plan_rows`), padding
+    rows at the end to the longest row. All responses of an example stay together, in order, in
+    one row; an example over the budget gets a row of its own. Sequence ids keep example-major
+    order as given (packing moves tokens, not ids), so `cu_seqlens`, which follows the row-major
+    order of real tokens, need not list sequences in id order: use `seq_index` to map tokens."""
+    num_responses = _num_responses(examples)
+    plan = plan_rows(example_lengths(examples), max_tokens_per_row=max_tokens_per_row)
+    rows = [[e * num_responses + k for e in row for k in range(num_responses)] for row in plan]
+    return _assemble(examples, rows, pad_id=pad_id)
+
+
+def plan_micro_batches(lengths: list[int], *, batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Split examples, in the given order, into consecutive micro-batches of at most `batch_size`
+    examples and, when `max_tokens` is set, at most `max_tokens` tokens (an example over the
+    budget is a micro-batch of its own). Returns the example indices of each micro-batch."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for i, length in enumerate(lengths):
+        over_budget = max_tokens is not None and current and tokens + length > max_tokens
+        if len(current) == batch_size or over_budget:
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += length
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,465 @@
+"""Loading pair, KTO and SFT data from local files; every bad row is named by file and line or row.
+
+Files: .jsonl (source "path:LINE", 1-based), .json (a list, or {"data": [...]}), .parquet, .csv/.tsv
+and `datasets.save_to_disk` folders (source "path:row N", 0-based). The format is detected per row
+from its columns (see `PAIR_FORMATS`, `KTO_FORMATS`, `SFT_FORMATS`); history always ends up in the
+prompt, a list of chat messages ending with the last user turn (system message first).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from hpalign.data.types import DataFormatError, KTOExample, LoadReport, Message, PreferenceExample, SFTExample
+
+PAIR_FORMATS = (
+    "prompt/chosen/rejected strings (+ optional system, history=[[query, response], ...], margin)",
+    "query/response/rejected_response (swift)",
+    "prompt as chat messages + chosen/rejected as strings or assistant messages (TRL conversational)",
+    "messages (ending with the chosen assistant turn) + rejected_response",
+    "chosen/rejected as whole conversations (TRL implicit prompt)",
+    "chosen/rejected raw text with '\\n\\nHuman:'/'\\n\\nAssistant:' turns (Anthropic HH-RLHF)",
+)
+KTO_FORMATS = (
+    "prompt/completion/label (prompt a string or chat messages; + optional system, history)",
+    "query/response/label (swift)",
+    "messages (ending with the assistant turn) + label",
+    "any pair format above: each pair gives one desirable and one undesirable row",
+)
+SFT_FORMATS = (
+    "prompt/response or query/response (+ optional system, history)",
+    "messages (ending with the assistant turn)",
+    "any pair format: the chosen answer is the response",
+)
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+CSV_LIST_COLUMNS = ("prompt", "chosen", "rejected", "messages", "history", "completion")
+
+Row = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def read_rows(path: str) -> Iterator[tuple[str, Row | DataFormatError]]:
+    """Yield (source, row) for each row of one local file or folder; a row that cannot even be
+    parsed (bad JSON line) is yielded as its `DataFormatError` so the caller may skip it."""
+    if not os.path.exists(path):
+        raise ValueError(
+            f"dataset '{path}' not found: no such local file or folder. hpalign does not fetch hub ids; "
+            "download the data set and pass a local .jsonl/.json/.parquet/.csv file or a "
+            "datasets.save_to_disk folder (or pass 'builtin-emoji').")
+    if os.path.isdir(path):
+        yield from _read_saved_dataset(path)
+        return
+    suffix = path.lower().rsplit(".", 1)[-1]
+    if suffix in ("jsonl", "ndjson"):
+        yield from _read_jsonl(path)
+    elif suffix == "json":
+        yield from _read_json(path)
+    elif suffix == "parquet":
+        import pyarrow.parquet as pq
+
+        yield from _indexed(path, pq.read_table(path).to_pylist())
+    elif suffix in ("csv", "tsv"):
+        yield from _read_csv(path, delimiter="\t" if suffix == "tsv" else ",")
+    else:
+        raise ValueError(f"{path}: unsupported file type '.{suffix}'; use .jsonl, .json, .parquet, .csv, "
+                         ".tsv or a datasets.save_to_disk folder.")
+
+
+def _indexed(path: str, rows: list[Any]) -> Iterator[tuple[str, Row | DataFormatError]]:
+    for index, row in enumerate(rows):
+        source = f"{path}:row {index}"
+        yield source, row if isinstance(row, dict) else DataFormatError(
+            source, None, f"row is a {_type_name(row)}, expected an object with named columns")
+
+
+def _read_jsonl(path: str) -> Iterator[tuple[str, Row | DataFormatError]]:
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            source = f"{path}:{line_no}"
+            yield source, _parse_json_line(line, source)
+
+
+def _parse_json_line(line: str, source: str) -> Row | DataFormatError:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        start = line.strip()[:60]
+        return DataFormatError(source, None, f"invalid JSON ({err.msg}, column {err.colno}); line starts {start!r}")
+    if not isinstance(row, dict):
+        return DataFormatError(source, None, f"line is a JSON {_type_name(row)}, expected an object")
+    return row
+
+
+def _read_json(path: str) -> Iterator[tuple[str, Row | DataFormatError]]:
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # a JSON-lines file named .json
+            yield from _read_jsonl(path)
+            return
+        raise DataFormatError(f"{path}:{err.lineno}", None,
+                              f"invalid JSON ({err.msg}, column {err.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataFormatError(path, None, "a .json data file must hold a list of objects or {\"data\": [...]}; "
+                              f"found a {_type_name(data)}")
+    yield from _indexed(path, data)
+
+
+def _read_csv(path: str, *, delimiter: str) -> Iterator[tuple[str, Row | DataFormatError]]:
+    """CSV cells are strings: empty cells count as missing, JSON lists (history, messages) are decoded."""
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        for index, raw in enumerate(csv.DictReader(handle, delimiter=delimiter)):
+            row = {key: value for key, value in raw.items() if key is not None and value not in ("", None)}
+            for key in CSV_LIST_COLUMNS:
+                value = row.get(key)
+                if isinstance(value, str) and value.lstrip().startswith("["):
+                    try:
+                        decoded = json.loads(value)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(decoded, list) and all(isinstance(item, (dict, list)) for item in decoded):
+                        row[key] = decoded
+            yield f"{path}:row {index}", row
+
+
+def _read_saved_dataset(path: str) -> Iterator[tuple[str, Row | DataFormatError]]:
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(path)
+    except FileNotFoundError as err:
+        raise ValueError(f"{path}: a folder must be a datasets.save_to_disk folder ({err})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        splits = list(dataset)
+        if "train" not in splits and len(splits) != 1:
+            raise ValueError(f"{path}: DatasetDict with splits {splits} and no 'train'; save one split.")
+        dataset = dataset["train" if "train" in splits else splits[0]]
+    yield from _indexed(path, dataset.to_list())
+
+
+# ----------------------------------------------------------------------------- fields
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean"}.get(type(value), type(value).__name__)
+
+
+def _has(row: Row, name: str) -> bool:
+    return row.get(name) is not None
+
+
+def _missing(row: Row, field_name: str, source: str, formats: tuple[str, ...]) -> DataFormatError:
+    found = ", ".join(sorted(row)) or "none"
+    accepted = "; ".join(formats)
+    return DataFormatError(source, field_name, f"missing. Columns found: {found}. Accepted formats: {accepted}")
+
+
+def to_messages(value: Any, source: str, field_name: str) -> list[Message]:
+    """A list of {"role", "content"} dicts (also sharegpt {"from", "value"}), roles normalised."""
+    if not isinstance(value, list):
+        raise DataFormatError(source, field_name, f"expected a list of chat messages, got a {_type_name(value)}")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise DataFormatError(source, field_name,
+                                  f"message {i} is a {_type_name(message)}, expected {{'role': ..., 'content': ...}}")
+        role = ROLES.get(str(message.get("role", message.get("from"))).lower())
+        content = message.get("content", message.get("value"))
+        if role is None:
+            raise DataFormatError(source, field_name, f"message {i} has role {message.get('role')!r}; "
+                                  "expected system, user or assistant")
+        if not isinstance(content, str):
+            raise DataFormatError(source, field_name, f"message {i} content is a {_type_name(content)}, expected a string")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _history(value: Any, source: str) -> list[Message]:
+    if isinstance(value, list) and all(isinstance(turn, dict) for turn in value):
+        return to_messages(value, source, "history")
+    if not isinstance(value, list):
+        raise DataFormatError(source, "history", f"expected a list of [query, response] pairs, got a {_type_name(value)}")
+    messages: list[Message] = []
+    for i, turn in enumerate(value):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise DataFormatError(source, "history", f"turn {i} must be a [query, response] pair of strings")
+        messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    return messages
+
+
+def _check_prompt(messages: list[Message], source: str, field_name: str) -> list[Message]:
+    if not messages or messages[-1]["role"] != "user":
+        last = messages[-1]["role"] if messages else "nothing"
+        raise DataFormatError(source, field_name, f"the prompt must end with a user turn; it ends with {last}")
+    if not messages[-1]["content"].strip():
+        raise DataFormatError(source, field_name, "the last user turn is empty")
+    return messages
+
+
+def build_prompt(row: Row, field_name: str, source: str) -> list[Message]:
+    """system + history + the prompt (a string or chat messages) as one message list."""
+    value = row[field_name]
+    if isinstance(value, str):
+        turns = [{"role": "user", "content": value}]
+    elif isinstance(value, list):
+        turns = to_messages(value, source, field_name)
+    else:
+        raise DataFormatError(source, field_name, f"expected a string or chat messages, got a {_type_name(value)}")
+    history = _history(row["history"], source) if _has(row, "history") else []
+    messages = history + turns
+    if _has(row, "system") and not (messages and messages[0]["role"] == "system"):
+        if not isinstance(row["system"], str):
+            raise DataFormatError(source, "system", f"expected a string, got a {_type_name(row['system'])}")
+        messages = [{"role": "system", "content": row["system"]}] + messages
+    return _check_prompt(messages, source, field_name)
+
+
+def response_text(value: Any, prompt: list[Message], source: str, field_name: str) -> str:
+    """A response given as a string or as assistant message(s), possibly prefixed by the prompt."""
+    if isinstance(value, list):
+        messages = to_messages(value, source, field_name)
+        user_turns = [m for m in prompt if m["role"] != "system"]
+        for prefix in (prompt, user_turns):
+            if len(messages) > len(prefix) and messages[: len(prefix)] == prefix:
+                messages = messages[len(prefix):]
+                break
+        if len(messages) != 1 or messages[0]["role"] != "assistant":
+            raise DataFormatError(source, field_name, "expected one assistant message after the prompt; "
+                                  f"got roles {[m['role'] for m in messages]}")
+        value = messages[0]["content"]
+    if not isinstance(value, str):
+        raise DataFormatError(source, field_name,
+                              f"expected a string or assistant messages, got a {_type_name(value)} ({value!r:.40})")
+    if not value.strip():
+        raise DataFormatError(source, field_name, "the response is empty")
+    return value
+
+
+def _split_conversation(value: Any, source: str, field_name: str) -> tuple[list[Message], str]:
+    messages = to_messages(value, source, field_name)
+    if not messages or messages[-1]["role"] != "assistant":
+        raise DataFormatError(source, field_name, "the conversation must end with an assistant turn (the answer)")
+    answer = response_text(messages[-1]["content"], [], source, field_name)
+    return _check_prompt(messages[:-1], source, field_name), answer
+
+
+def _margin(row: Row, source: str) -> float | None:
+    value = row.get("margin")
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        margin = float(value)
+    except (TypeError, ValueError):
+        raise DataFormatError(source, "margin", f"expected a number, got {value!r:.40}") from None
+    if margin != margin:  # NaN: parquet's missing float
+        return None
+    return margin
+
+
+def parse_label(value: Any, source: str) -> bool:
+    """True/False, 1/0 or "true"/"false"/"1"/"0" (any case); anything else is an error."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise DataFormatError(source, "label", f"expected true/false or 1/0, got {value!r:.40}")
+
+
+# ----------------------------------------------------------------------------- row parsers
+
+
+def _hh_turns(text: str, source: str) -> list[Message]:
+    if text.startswith(HH_HUMAN.strip()):
+        text = "\n\n" + text
+    parts = re.split(r"\n\n(Human|Assistant):", text)
+    if parts[0].strip():
+        raise DataFormatError(source, "chosen", "HH-RLHF text must start with '\\n\\nHuman:'")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2], strict=True)]
+
+
+def parse_hh(chosen: str, rejected: str, source: str) -> tuple[list[Message], str, str]:
+    """Anthropic HH-RLHF: the shared text up to the last '\\n\\nAssistant:' is the prompt."""
+    cut = chosen.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise DataFormatError(source, "prompt", "no prompt column and the chosen text has no '\\n\\nAssistant:' "
+                              "turn (not HH-RLHF text). Accepted formats: " + "; ".join(PAIR_FORMATS))
+    prefix = chosen[: cut + len(HH_ASSISTANT)]
+    if not rejected.startswith(prefix):
+        raise DataFormatError(source, "rejected", "HH-RLHF text: rejected does not share the chosen conversation "
+                              "up to its last '\\n\\nAssistant:'")
+    prompt = _check_prompt(_hh_turns(chosen[:cut], source), source, "chosen")
+    answers = [response_text(text[len(prefix):].strip(), prompt, source, name)
+               for text, name in ((chosen, "chosen"), (rejected, "rejected"))]
+    return prompt, answers[0], answers[1]
+
+
+def _implicit_prompt(row: Row, source: str) -> tuple[list[Message], str, str]:
+    chosen = to_messages(row["chosen"], source, "chosen")
+    rejected = to_messages(row["rejected"], source, "rejected")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    prompt = _check_prompt(chosen[:shared], source, "chosen")
+    return (prompt, response_text(chosen[shared:], [], source, "chosen"),
+            response_text(rejected[shared:], [], source, "rejected"))
+
+
+def _prompt_field(row: Row) -> str | None:
+    return next((name for name in ("prompt", "query") if _has(row, name)), None)
+
+
+def parse_pair(row: Row, source: str) -> list[PreferenceExample]:
+    """One row of any `PAIR_FORMATS` layout as a `PreferenceExample`."""
+    prompt_name = _prompt_field(row)
+    if _has(row, "messages"):
+        prompt, chosen = _split_conversation(row["messages"], source, "messages")
+        rejected_name = "rejected_response" if _has(row, "rejected_response") else "rejected"
+        if not _has(row, rejected_name):
+            raise _missing(row, "rejected_response", source, PAIR_FORMATS)
+        rejected = response_text(row[rejected_name], prompt, source, rejected_name)
+    elif prompt_name is not None:
+        prompt = build_prompt(row, prompt_name, source)
+        names = [next((n for n in aliases if _has(row, n)), aliases[0])
+                 for aliases in (("chosen", "response"), ("rejected", "rejected_response"))]
+        for name in names:
+            if not _has(row, name):
+                raise _missing(row, name, source, PAIR_FORMATS)
+        chosen, rejected = (response_text(row[name], prompt, source, name) for name in names)
+    elif _has(row, "chosen") and _has(row, "rejected"):
+        if isinstance(row["chosen"], list):
+            prompt, chosen, rejected = _implicit_prompt(row, source)
+        else:
+            for name in ("chosen", "rejected"):
+                response_text(row[name], [], source, name)  # type and emptiness first
+            prompt, chosen, rejected = parse_hh(row["chosen"], row["rejected"], source)
+    else:
+        raise _missing(row, "prompt", source, PAIR_FORMATS)
+    return [PreferenceExample(prompt, chosen, rejected, source, margin=_margin(row, source))]
+
+
+def pairs_to_kto(pairs: list[PreferenceExample]) -> list[KTOExample]:
+    """Each pair becomes a desirable (chosen) and an undesirable (rejected) example, in that order."""
+    return [KTOExample(p.prompt, answer, label, p.source)
+            for p in pairs for answer, label in ((p.chosen, True), (p.rejected, False))]
+
+
+def parse_kto(row: Row, source: str) -> list[KTOExample]:
+    """One row of any `KTO_FORMATS` layout; a pair row gives two examples."""
+    if not _has(row, "label"):
+        if _has(row, "rejected") or _has(row, "rejected_response"):
+            return pairs_to_kto(parse_pair(row, source))
+        raise _missing(row, "label", source, KTO_FORMATS)
+    label = parse_label(row["label"], source)
+    if _has(row, "messages"):
+        prompt, completion = _split_conversation(row["messages"], source, "messages")
+        return [KTOExample(prompt, completion, label, source)]
+    prompt_name = _prompt_field(row)
+    if prompt_name is None:
+        raise _missing(row, "prompt", source, KTO_FORMATS)
+    prompt = build_prompt(row, prompt_name, source)
+    name = next((n for n in ("completion", "response") if _has(row, n)), None)
+    if name is None:
+        raise _missing(row, "completion", source, KTO_FORMATS)
+    return [KTOExample(prompt, response_text(row[name], prompt, source, name), label, source)]
+
+
+def parse_sft(row: Row, source: str) -> list[SFTExample]:
+    """One row of any `SFT_FORMATS` layout."""
+    if _has(row, "messages") and not (_has(row, "rejected_response") or _has(row, "rejected")):
+        prompt, response = _split_conversation(row["messages"], source, "messages")
+        return [SFTExample(prompt, response, source)]
+    if _has(row, "rejected") or _has(row, "rejected_response"):
+        return [SFTExample(p.prompt, p.chosen, p.source) for p in parse_pair(row, source)]
+    prompt_name = _prompt_field(row)
+    if prompt_name is None:
+        raise _missing(row, "prompt", source, SFT_FORMATS)
+    prompt = build_prompt(row, prompt_name, source)
+    name = next((n for n in ("response", "completion", "chosen") if _has(row, n)), None)
+    if name is None:
+        raise _missing(row, "response", source, SFT_FORMATS)
+    return [SFTExample(prompt, response_text(row[name], prompt, source, name), source)]
+
+
+PARSERS: dict[str, Callable[[Row, str], list]] = {"pair": parse_pair, "kto": parse_kto, "sft": parse_sft}
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _load_builtin(path: str, kind: str) -> list:
+    from hpalign.data.builtin import builtin_dataset
+
+    split = path.split(":", 1)[1] if ":" in path else "train"
+    return builtin_dataset(kind, split)
+
+
+def load_examples(paths: list[str], *, kind: str, skip_bad_rows: bool = False,
+                  report: LoadReport | None = None) -> list:
+    """Load and validate every row of `paths` (concatenated) as `kind` examples.
+
+    kind: "pair" -> PreferenceExample, "kto" -> KTOExample, "sft" -> SFTExample. `"builtin-emoji"`
+    (or "builtin-emoji:test") names the built-in set. A bad row raises `DataFormatError` naming
+    its file, line/row and field, unless `skip_bad_rows`, which counts it in `report` instead.
+    """
+    from hpalign.data.builtin import BUILTIN_NAME
+
+    if kind not in PARSERS:
+        raise ValueError(f"unknown data kind {kind!r}; expected one of {sorted(PARSERS)}")
+    if not paths:
+        raise ValueError("no data set given: pass --dataset with local files (or builtin-emoji)")
+    report = report if report is not None else LoadReport()
+    examples: list = []
+    for path in paths:
+        if path.split(":", 1)[0] == BUILTIN_NAME and not os.path.exists(path):
+            loaded = _load_builtin(path, kind)
+            report.num_rows += len(loaded)
+            examples += loaded
+            continue
+        for source, row in read_rows(path):
+            report.num_rows += 1
+            try:
+                if isinstance(row, DataFormatError):
+                    raise row
+                examples += PARSERS[kind](row, source)
+            except DataFormatError as err:
+                if not skip_bad_rows:
+                    raise DataFormatError(err.source, err.field_name,
+                                          f"{err.problem} (fix the row or pass --skip_bad_rows)") from None
+                report.num_skipped += 1
+                report.skipped.append(str(err))
+    if not examples:
+        raise ValueError(f"no usable {kind} examples in {paths}: {report.num_rows} rows read, "
+                         f"{report.num_skipped} skipped (first: {report.skipped[:3]})")
+    return examples
+
+
+def split_examples(examples: list, *, ratio: float, seed: int) -> tuple[list, list]:
+    """Deterministic (train, held_out) split; held-out size round(ratio * n), at least 1 when
+    ratio > 0 and n > 1, at most n - 1. Both parts keep the input order."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"split ratio must be in [0, 1), got {ratio}")
+    n = len(examples)
+    num_held = 0 if ratio == 0 or n < 2 else min(n - 1, max(1, round(ratio * n)))
+    held = set(random.Random(seed).sample(range(n), num_held))
+    return ([ex for i, ex in enumerate(examples) if i not in held],
+            [ex for i, ex in enumerate(examples) if i in held])

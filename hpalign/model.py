@@ -1,0 +1,49 @@
+"""Load policy / reference / reward / value models, LoRA, value head: the public model API.
+
+The code lives in `hpalign.models` (one module per concern); import from here. Nothing here
+imports deepspeed, and peft / transformers are imported only when a function needs them.
+"""
+
+from hpalign.models.access import (
+    base_causal_lm,
+    decoder_and_head,
+    frozen_copy,
+    hidden_size,
+    is_peft_model,
+    unwrap_model,
+)
+from hpalign.models.loading import (
+    ensure_pad_token,
+    load_policy,
+    load_reference,
+    load_tokenizer,
+    resolve_attn_impl,
+    resolve_dtype,
+)
+from hpalign.models.lora import (
+    apply_lora,
+    linear_module_names,
+    lora_target_names,
+    reference_forward_context,
+    uses_adapter_reference,
+)
+from hpalign.models.saving import save_pretrained_weights
+from hpalign.models.source import (
+    SMOLLM2_NAME,
+    TINY_NAME,
+    ModelSource,
+    cache_root,
+    ensure_smollm2_cached,
+    resolve_model,
+    smollm2_gguf_path,
+)
+from hpalign.models.value_head import ValueHead, load_value_head, save_value_head
+
+__all__ = [
+    "SMOLLM2_NAME", "TINY_NAME", "ModelSource", "ValueHead", "apply_lora", "base_causal_lm",
+    "cache_root", "decoder_and_head", "ensure_pad_token", "ensure_smollm2_cached", "frozen_copy",
+    "hidden_size", "is_peft_model", "linear_module_names", "load_policy", "load_reference",
+    "load_tokenizer", "load_value_head", "lora_target_names", "reference_forward_context",
+    "resolve_attn_impl", "resolve_dtype", "resolve_model", "save_pretrained_weights",
+    "save_value_head", "smollm2_gguf_path", "unwrap_model", "uses_adapter_reference",
+]

@@ -1,0 +1,1 @@
+"""Model loading, LoRA, reference and value head, split by concern; the public API is `hpalign.model`."""

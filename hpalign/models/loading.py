@@ -1,0 +1,118 @@
+"""Load tokenizers, policies and frozen reference models from a resolved `--model`."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from hpalign.models.source import ModelSource, resolve_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_ATTN_IMPLS = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` (bf16 on a CUDA device that supports it, else fp32), `bfloat16`, `float16`, `float32`."""
+    key = name.strip().lower()
+    if key == "auto":
+        use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if use_bf16 else torch.float32
+    if key not in _DTYPES:
+        raise ValueError(f"--torch_dtype {name!r} is not supported: use auto, {', '.join(_DTYPES)}.")
+    return _DTYPES[key]
+
+
+def resolve_attn_impl(name: str, *, dtype: torch.dtype) -> str:
+    """`auto` -> flash_attention_2 when CUDA, the flash-attn package and a 16-bit dtype are all
+    there, else sdpa; an explicit choice is checked and kept."""
+    key = name.strip().lower()
+    if key not in _ATTN_IMPLS:
+        raise ValueError(f"--attn_impl {name!r} is not supported: use one of {', '.join(_ATTN_IMPLS)}.")
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if key == "auto":
+        use_flash = has_flash and torch.cuda.is_available() and dtype in (torch.bfloat16, torch.float16)
+        key = "flash_attention_2" if use_flash else "sdpa"
+        logger.info("attention implementation: %s", key)
+    elif key == "flash_attention_2" and not has_flash:
+        raise ValueError("--attn_impl flash_attention_2 needs `pip install flash-attn`; or use sdpa.")
+    return key
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give the tokenizer a pad token by reusing eos (else unk); never adds a token to the vocab."""
+    if tokenizer.pad_token is not None:
+        return tokenizer
+    for fallback in ("eos_token", "unk_token"):
+        token = getattr(tokenizer, fallback)
+        if token is not None:
+            tokenizer.pad_token = token
+            logger.info("tokenizer has no pad token; padding with its %s %r", fallback, token)
+            return tokenizer
+    raise ValueError(
+        "The tokenizer has no pad, eos or unk token, and hpalign does not grow the vocabulary "
+        "silently: set `pad_token` in the model directory's tokenizer_config.json."
+    )
+
+
+def load_tokenizer(spec: str | ModelSource | None) -> PreTrainedTokenizerBase:
+    """The tokenizer of `--model`, with a pad token set (see `ensure_pad_token`)."""
+    source = resolve_model(spec)
+    if source.kind == "tiny":
+        from hpalign.tiny_model import build_byte_tokenizer
+
+        return ensure_pad_token(build_byte_tokenizer())
+    from transformers import AutoTokenizer
+
+    return ensure_pad_token(AutoTokenizer.from_pretrained(source.path))
+
+
+def load_policy(
+    spec: str | ModelSource | None,
+    *,
+    dtype: torch.dtype | str,
+    attn_impl: str = "sdpa",
+    gradient_checkpointing: bool = False,
+) -> PreTrainedModel:
+    """The causal LM of `--model` in `dtype`, on CPU, in eval mode (the trainer calls `.train()`).
+
+    `gradient_checkpointing` turns on non-reentrant HF checkpointing (which works with frozen
+    inputs, LoRA and ZeRO-3) and switches the KV cache off, which checkpointing cannot use.
+    """
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype)
+    model = _load_causal_lm(resolve_model(spec), dtype=dtype, attn_impl=resolve_attn_impl(attn_impl, dtype=dtype))
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_reference(
+    spec: str | ModelSource | None, *, dtype: torch.dtype | str, attn_impl: str = "sdpa"
+) -> PreTrainedModel:
+    """A separately loaded frozen model (eval, no grads): `--ref_model`, or the reference of a
+    full fine-tune under ZeRO-3, where `frozen_copy` of a partitioned policy is not possible."""
+    model = load_policy(spec, dtype=dtype, attn_impl=attn_impl)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _load_causal_lm(source: ModelSource, *, dtype: torch.dtype, attn_impl: str) -> nn.Module:
+    if source.kind == "tiny":
+        from hpalign.tiny_model import build_tiny_llama
+
+        model, _ = build_tiny_llama(seed=0, attn_implementation=attn_impl)
+        return model.to(dtype).eval()
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, attn_implementation=attn_impl)

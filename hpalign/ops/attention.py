@@ -1,0 +1,313 @@
+"""Packed (varlen) attention: sequences packed back to back in a row never attend to each other.
+
+Why: with transformers' sdpa/eager paths, restarting `position_ids` only fixes RoPE; when a 2D
+`attention_mask` is passed the causal mask still spans the whole row, so every packed sequence
+attends to the ones before it (max |logit| error 17 measured on SmolLM2). Without a mask,
+transformers detects packing from `position_ids` but builds a dense [R, 1, L, L] block mask, which
+turns SDPA quadratic in the row length (34 s/step vs 9.5 s/step per-sequence on a CPU DPO step).
+
+How: an attention function registered with transformers' `AttentionInterface`. Given the packing
+info that `packed_forward_kwargs` adds to the forward kwargs (transformers hands them down to
+every attention call), it runs
+  - "flash_varlen": `flash_attn_varlen_func` on the flattened rows (CUDA, flash-attn installed), or
+  - "sdpa_per_sequence": causal SDPA on each sequence slice of each row (no mask at all).
+Without packing info it is exactly transformers' sdpa attention (padding mask included).
+
+    backend = enable_varlen_attention(model)            # once, after loading (peft-wrapped is fine)
+    out = model(input_ids=batch.input_ids, **packed_forward_kwargs(batch))   # no attention_mask
+
+Segments are flat [start, end) ranges over the R*L positions of the batch, one per sequence and one
+per run of end-of-row padding (padding output is zeros on the SDPA path and ignored by the loss).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("hpalign")
+
+SDPA_IMPL = "hpalign_varlen"
+FLASH_IMPL = "hpalign_varlen_flash"
+BACKEND_IMPLS = {"sdpa_per_sequence": SDPA_IMPL, "flash_varlen": FLASH_IMPL}
+SEGMENTS_KWARG = "hpalign_segments"
+
+
+@dataclass(frozen=True)
+class PackedSegments:
+    """Slice bounds of a packed batch, computed once per forward on the host.
+
+    bounds: one (row, start, end, is_real) per segment in row-major order; start/end are columns
+        of that row, the segments tile every row exactly, `is_real` is False for padding runs.
+    row_len: L, the row length.
+    """
+
+    bounds: tuple[tuple[int, int, int, bool], ...]
+    row_len: int
+
+
+def _field(batch_like: Any, name: str) -> Any:
+    if isinstance(batch_like, Mapping):
+        return batch_like.get(name)
+    return getattr(batch_like, name, None)
+
+
+def _runs(seq_index_RL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(run_starts, run_ends) over the flattened [R*L] positions; runs break at rows and id changes."""
+    num_rows, row_len = seq_index_RL.shape
+    new_run_RL = torch.ones_like(seq_index_RL, dtype=torch.bool)
+    new_run_RL[:, 1:] = seq_index_RL[:, 1:] != seq_index_RL[:, :-1]
+    starts = new_run_RL.flatten().nonzero().squeeze(1)
+    ends = torch.cat([starts[1:], torch.tensor([num_rows * row_len])])
+    return starts, ends
+
+
+def _check_packing(seq_index_RL, position_ids_RL, starts, ends, cu_seqlens) -> None:
+    flat_ids = seq_index_RL.flatten()
+    real = flat_ids[starts] >= 0
+    real_ids = flat_ids[starts][real]
+    if real_ids.unique().numel() != real_ids.numel():
+        raise ValueError("a sequence id appears in two separate runs of seq_index; each packed sequence "
+                         "must be contiguous within one row")
+    # Each real token's position must be its offset from the start of its run (restart at 0).
+    lengths = ends - starts
+    run_start_T = torch.repeat_interleave(starts, lengths)
+    expected_T = torch.arange(flat_ids.numel()) - run_start_T
+    is_real_T = flat_ids >= 0
+    if not torch.equal(position_ids_RL.flatten()[is_real_T].long(), expected_T[is_real_T]):
+        raise ValueError("position_ids must restart at 0 and count up within every packed sequence")
+    if cu_seqlens is not None:
+        real_lengths = lengths[real]
+        if not torch.equal(cu_seqlens.detach().cpu().long().diff(), real_lengths):
+            raise ValueError(f"cu_seqlens {cu_seqlens.tolist()} disagrees with the sequence runs of "
+                             f"seq_index (lengths {real_lengths.tolist()})")
+
+
+def packed_forward_kwargs(batch_like: Any) -> dict[str, Any]:
+    """Forward kwargs that make a packed batch attend per sequence under `enable_varlen_attention`.
+
+    Args:
+        batch_like: object or mapping with `position_ids` [R, L] (restarting at 0 per sequence) and
+            `seq_index` [R, L] (sequence id per token, -1 = padding); `cu_seqlens` [S+1], when
+            present, is checked against them.
+
+    Returns:
+        {"position_ids": [R, L], "cu_seq_lens_q"/"cu_seq_lens_k": int32 [G+1] flat bounds of all G
+        segments (sequences and padding runs, over the R*L positions, on the batch's device),
+        "max_length_q"/"max_length_k": int, "hpalign_segments": PackedSegments}. The cu_seq_lens_*
+        names are transformers' own, so its flash_attention_2 path reads them the same way. Pass
+        these to `model(input_ids=..., **kwargs)` without `attention_mask` (a 2D mask would make
+        transformers build a dense [R, 1, L, L] mask that is then ignored).
+    """
+    position_ids, seq_index = _field(batch_like, "position_ids"), _field(batch_like, "seq_index")
+    if position_ids is None or seq_index is None:
+        raise ValueError("packed_forward_kwargs needs `position_ids` and `seq_index` [R, L] on the batch")
+    if position_ids.shape != seq_index.shape or seq_index.dim() != 2:
+        raise ValueError(f"position_ids {tuple(position_ids.shape)} and seq_index {tuple(seq_index.shape)} "
+                         "must both be [R, L]")
+    seq_index_RL = seq_index.detach().cpu()
+    starts, ends = _runs(seq_index_RL)
+    _check_packing(seq_index_RL, position_ids.detach().cpu(), starts, ends, _field(batch_like, "cu_seqlens"))
+    row_len = seq_index_RL.shape[1]
+    is_real = (seq_index_RL.flatten()[starts] >= 0).tolist()
+    bounds = tuple(
+        (s // row_len, s % row_len, e - (s // row_len) * row_len, r)
+        for s, e, r in zip(starts.tolist(), ends.tolist(), is_real, strict=True)
+    )
+    cu_seq_lens = torch.cat([starts, ends[-1:]]).to(device=seq_index.device, dtype=torch.int32)
+    max_length = int((ends - starts).max())
+    return {
+        "position_ids": position_ids,
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": max_length,
+        "max_length_k": max_length,
+        SEGMENTS_KWARG: PackedSegments(bounds=bounds, row_len=row_len),
+    }
+
+
+_cu_cache: list[Any] = [None, None]  # [cu_seq_lens tensor (strong ref, so `is` is safe), PackedSegments]
+
+
+def _segments_from_cu(cu_seq_lens: torch.Tensor, num_rows: int, row_len: int) -> PackedSegments:
+    """Segments from transformers-style cu_seq_lens alone (no `hpalign_segments`), cached per tensor."""
+    if _cu_cache[0] is cu_seq_lens:
+        return _cu_cache[1]
+    cu = cu_seq_lens.tolist()
+    if cu[0] != 0 or cu[-1] != num_rows * row_len:
+        raise ValueError(f"cu_seq_lens_q must tile the {num_rows}x{row_len} flattened rows (padding included), "
+                         f"got bounds from {cu[0]} to {cu[-1]}; build the kwargs with packed_forward_kwargs")
+    bounds = []
+    for s, e in zip(cu[:-1], cu[1:], strict=True):
+        row = s // row_len
+        if (e - 1) // row_len != row:
+            raise ValueError(f"segment [{s}, {e}) of cu_seq_lens_q crosses a row boundary (row length {row_len})")
+        bounds.append((row, s - row * row_len, e - row * row_len, True))
+    segments = PackedSegments(bounds=tuple(bounds), row_len=row_len)
+    _cu_cache[0], _cu_cache[1] = cu_seq_lens, segments
+    return segments
+
+
+def _packing(query: torch.Tensor, kwargs: dict[str, Any]) -> PackedSegments | None:
+    segments = kwargs.get(SEGMENTS_KWARG)
+    if segments is None and kwargs.get("cu_seq_lens_q") is not None:
+        segments = _segments_from_cu(kwargs["cu_seq_lens_q"], query.shape[0], query.shape[2])
+    if segments is not None and segments.row_len != query.shape[2]:
+        raise ValueError(f"packing info is for rows of {segments.row_len} tokens but the query has "
+                         f"{query.shape[2]}: packed attention does not support a KV cache")
+    return segments
+
+
+def _check_unsupported(kwargs: dict[str, Any]) -> None:
+    if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
+        raise ValueError("varlen attention supports neither logit softcapping nor sliding windows; "
+                         "use the model's own attention implementation for this architecture")
+
+
+def _sdpa_per_sequence(query, key, value, segments: PackedSegments, scaling, dropout, is_causal):
+    """Causal SDPA on each sequence slice; query [B, H, L, D], key/value [B, Hkv, L, D] -> [B, L, H, Dv]."""
+    num_rows, num_heads, row_len, _ = query.shape
+    head_dim_v = value.shape[-1]
+    gqa = key.shape[1] != num_heads
+    pieces = []  # [n, H, Dv] per segment, in flattened row-major order
+    for row, start, end, is_real in segments.bounds:
+        if not is_real:
+            pieces.append(query.new_zeros(end - start, num_heads, head_dim_v))
+            continue
+        out_1HnD = F.scaled_dot_product_attention(
+            query[row : row + 1, :, start:end], key[row : row + 1, :, start:end],
+            value[row : row + 1, :, start:end], dropout_p=dropout, scale=scaling, is_causal=is_causal,
+            enable_gqa=gqa,
+        )
+        pieces.append(out_1HnD[0].transpose(0, 1))
+    return torch.cat(pieces).view(num_rows, row_len, num_heads, head_dim_v)
+
+
+def _flash_varlen(query, key, value, kwargs: dict[str, Any], scaling, dropout, is_causal):
+    """flash_attn_varlen_func over the flattened rows; same shapes as `_sdpa_per_sequence`."""
+    from flash_attn import flash_attn_varlen_func
+
+    num_rows, num_heads, row_len, head_dim = query.shape
+    cu_seq_lens = kwargs["cu_seq_lens_q"].to(device=query.device, dtype=torch.int32)
+    max_length = int(kwargs["max_length_q"])
+    out_TnD = flash_attn_varlen_func(
+        query.transpose(1, 2).reshape(num_rows * row_len, num_heads, head_dim),
+        key.transpose(1, 2).reshape(num_rows * row_len, key.shape[1], head_dim),
+        value.transpose(1, 2).reshape(num_rows * row_len, value.shape[1], value.shape[-1]),
+        cu_seq_lens, cu_seq_lens, max_length, max_length,
+        dropout_p=dropout, softmax_scale=scaling, causal=is_causal,
+    )
+    return out_TnD.view(num_rows, row_len, num_heads, value.shape[-1])
+
+
+def _attention(backend, module, query, key, value, attention_mask, scaling, dropout, kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    segments = _packing(query, kwargs)
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    _check_unsupported(kwargs)
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if backend == "flash_varlen" and kwargs.get("cu_seq_lens_q") is not None:
+        return _flash_varlen(query, key, value, kwargs, scaling, dropout, is_causal), None
+    return _sdpa_per_sequence(query, key, value, segments, scaling, dropout, is_causal), None
+
+
+def sdpa_varlen_attention_forward(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """`AttentionInterface` function "hpalign_varlen": query [B, H, L, D], key/value [B, Hkv, L, D]
+    -> ([B, L, H, Dv], None); per-sequence causal SDPA when packing info is in kwargs, else sdpa."""
+    return _attention("sdpa_per_sequence", module, query, key, value, attention_mask, scaling, dropout, kwargs)
+
+
+def flash_varlen_attention_forward(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """`AttentionInterface` function "hpalign_varlen_flash": as above with flash_attn_varlen_func."""
+    return _attention("flash_varlen", module, query, key, value, attention_mask, scaling, dropout, kwargs)
+
+
+def _varlen_mask(*, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
+    """Mask builder for our implementations: sdpa's mask when a 2D padding mask is given, else None
+    (pure causal, or packed, where the attention function ignores the mask anyway)."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None:
+        return None
+    return sdpa_mask(attention_mask=attention_mask, **kwargs)
+
+
+def register_varlen_attention() -> None:
+    """Register "hpalign_varlen" and "hpalign_varlen_flash" with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    for name, fn in ((SDPA_IMPL, sdpa_varlen_attention_forward), (FLASH_IMPL, flash_varlen_attention_forward)):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, _varlen_mask)
+
+
+def _flash_unavailable_reason(dtype: torch.dtype) -> str | None:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "flash-attn is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"flash-attn needs fp16/bf16 weights, the model is {dtype}"
+    return None
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside peft / DeepSpeed / DDP wrappers."""
+    while True:
+        if hasattr(model, "get_base_model"):  # peft PeftModel
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):  # DeepSpeedEngine, DDP
+            model = model.module
+        else:
+            return model
+
+
+def enable_varlen_attention(model: torch.nn.Module, *, backend: str = "auto") -> str:
+    """Switch `model` (a transformers model, possibly peft- or DeepSpeed-wrapped) to varlen attention.
+
+    Args:
+        model: the model; its attention implementation is changed in place.
+        backend: "auto" (flash_varlen when flash-attn is installed, CUDA is present and the weights
+            are fp16/bf16, else sdpa_per_sequence), "flash_varlen" (raises if it cannot run) or
+            "sdpa_per_sequence".
+
+    Returns:
+        The backend chosen, "flash_varlen" | "sdpa_per_sequence" (also logged).
+    """
+    if backend not in ("auto", *BACKEND_IMPLS):
+        raise ValueError(f"backend must be 'auto' or one of {tuple(BACKEND_IMPLS)}, got {backend!r}")
+    target = _unwrap(model)
+    if not hasattr(target, "set_attn_implementation"):
+        raise ValueError(f"{type(target).__name__} is not a transformers PreTrainedModel")
+    reason = _flash_unavailable_reason(target.dtype)
+    if backend == "flash_varlen" and reason is not None:
+        raise RuntimeError(f"varlen attention backend 'flash_varlen' cannot run: {reason}. "
+                           "Install flash-attn (`pip install flash-attn --no-build-isolation`) on a CUDA "
+                           "machine, or use backend='auto' / 'sdpa_per_sequence'.")
+    chosen = backend if backend != "auto" else ("flash_varlen" if reason is None else "sdpa_per_sequence")
+    register_varlen_attention()
+    target.set_attn_implementation(BACKEND_IMPLS[chosen])
+    if target.config._attn_implementation != BACKEND_IMPLS[chosen]:
+        raise ValueError(f"{type(target).__name__} did not accept attn_implementation="
+                         f"{BACKEND_IMPLS[chosen]!r}: it does not dispatch through AttentionInterface")
+    why = "flash-attn on CUDA" if chosen == "flash_varlen" else (reason or "requested")
+    logger.info("varlen attention for %s: %s (%s)", type(target).__name__, chosen, why)
+    return chosen

@@ -1,0 +1,241 @@
+"""Per-token log-probabilities without a full fp32 log-softmax.
+
+`log_softmax(logits.float()).gather(...)` materialises an N x V fp32 tensor and autograd saves it:
+for V = 150k and N = 16k tokens that is 10 GB. The paths here never hold more than one chunk of
+rows in fp32:
+
+- `token_logprobs(logits_NV, labels_N, impl=...)`: from logits the caller already holds. The path
+  is chosen once per call site kind (`auto | cuda | torch`); `torch` is the chunked reference
+  (also the test oracle for the CUDA op in `hpalign.ops.cuda_ext`).
+- `token_logprobs_and_entropy(...)`: the same plus the entropy of each row (torch path).
+- `hidden_logprobs(hidden_NH, lm_head, labels_N)`: from final hidden states, so the logits never
+  exist for all rows at once (the Cut-Cross-Entropy idea), and ignored rows are never projected.
+
+Rows whose label is -100 give log-prob 0 (and entropy 0) and a zero gradient. Outputs are fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
+
+logger = logging.getLogger("hpalign")
+
+IGNORE_INDEX = -100
+IMPLS = ("auto", "cuda", "torch")
+_logged_choices: set[str] = set()
+
+CUDA_BUILD_HINT = (
+    "Build the extension on a machine with CUDA and nvcc (the csrc/ kernels, loaded by "
+    "hpalign/ops/cuda_ext.py; e.g. `pip install -e . --no-build-isolation` from the repository root), "
+    "or pass impl='torch' (or 'auto') to use the chunked torch path."
+)
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """logps_N (and entropy_N) from logits_NV, `chunk_rows` rows at a time in fp32.
+
+    Saves only the caller's logits (no copy), labels_N, lse_N and entropy_N. The backward writes
+    grad_NV = g_logp * (onehot - p) - g_ent * p * (x - lse + entropy), p = softmax(x), chunk by
+    chunk in the logits dtype; the fp32 working set is one [chunk_rows, V] block.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_NV, labels_N, chunk_rows: int, with_entropy: bool):  # type: ignore[override]
+        num_rows = logits_NV.shape[0]
+        valid_N = labels_N != IGNORE_INDEX
+        safe_labels_N = torch.where(valid_N, labels_N, 0)
+        lse_N = torch.empty(num_rows, dtype=torch.float32, device=logits_NV.device)
+        target_N = torch.empty_like(lse_N)
+        entropy_N = torch.zeros_like(lse_N)
+        for start in range(0, num_rows, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            x_CV = logits_NV[rows].float()
+            lse_C = torch.logsumexp(x_CV, dim=-1)
+            lse_N[rows] = lse_C
+            target_N[rows] = x_CV.gather(1, safe_labels_N[rows, None]).squeeze(1)
+            if with_entropy:
+                p_CV = torch.exp(x_CV - lse_C[:, None])
+                entropy_N[rows] = lse_C - (p_CV * x_CV).sum(-1)
+        zero = torch.zeros((), dtype=torch.float32, device=logits_NV.device)
+        logps_N = torch.where(valid_N, target_N - lse_N, zero)
+        entropy_N = torch.where(valid_N, entropy_N, zero)
+        ctx.save_for_backward(logits_NV, labels_N, lse_N, entropy_N)
+        ctx.chunk_rows = chunk_rows
+        ctx.with_entropy = with_entropy
+        ctx.set_materialize_grads(False)
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy_N)
+        return logps_N, entropy_N
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logps_N, grad_entropy_N):  # type: ignore[override]
+        logits_NV, labels_N, lse_N, entropy_N = ctx.saved_tensors
+        if not ctx.with_entropy:
+            grad_entropy_N = None
+        if grad_logps_N is None and grad_entropy_N is None:
+            return None, None, None, None
+        valid_N = labels_N != IGNORE_INDEX
+        safe_labels_N = torch.where(valid_N, labels_N, 0)
+        zero = torch.zeros((), dtype=torch.float32, device=logits_NV.device)
+        # Ignored rows get a zero gradient whatever the caller sends for them.
+        g_logp_N = None if grad_logps_N is None else torch.where(valid_N, grad_logps_N.float(), zero)
+        g_ent_N = None if grad_entropy_N is None else torch.where(valid_N, grad_entropy_N.float(), zero)
+        grad_NV = torch.empty_like(logits_NV)
+        for start in range(0, logits_NV.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            x_CV = logits_NV[rows].float()
+            p_CV = torch.exp(x_CV - lse_N[rows, None])
+            if g_logp_N is not None:
+                g_C1 = g_logp_N[rows, None]
+                grad_CV = p_CV * -g_C1
+                grad_CV.scatter_add_(1, safe_labels_N[rows, None], g_C1)
+            else:
+                grad_CV = torch.zeros_like(p_CV)
+            if g_ent_N is not None:
+                mean_x_C1 = (lse_N[rows] - entropy_N[rows])[:, None]  # E_p[x] = lse - H
+                grad_CV.addcmul_(p_CV * (x_CV - mean_x_C1), g_ent_N[rows, None], value=-1.0)
+            grad_NV[rows] = grad_CV.to(logits_NV.dtype)
+        return grad_NV, None, None, None
+
+
+def _check_inputs(logits_NV: torch.Tensor, labels_N: torch.Tensor, chunk_rows: int) -> None:
+    if logits_NV.dim() != 2 or labels_N.dim() != 1 or labels_N.shape[0] != logits_NV.shape[0]:
+        raise ValueError(
+            f"expected logits [N, V] and labels [N], got {tuple(logits_NV.shape)} and {tuple(labels_N.shape)}; "
+            "flatten batch and time first (logits.flatten(0, -2), labels.flatten())"
+        )
+    if labels_N.dtype.is_floating_point:
+        raise ValueError(f"labels must be integer token ids, got {labels_N.dtype}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+
+
+def _cuda_op_or_reason():
+    """(cuda_token_logprobs, None) when the extension is usable, else (None, why not)."""
+    try:
+        from hpalign.ops import cuda_ext
+    except ImportError as err:
+        return None, f"hpalign.ops.cuda_ext cannot be imported ({err})"
+    if not cuda_ext.cuda_available():
+        return None, "the CUDA extension is not built or no CUDA device is visible"
+    return cuda_ext.cuda_token_logprobs, None
+
+
+def _log_choice_once(choice: str, why: str) -> None:
+    if choice not in _logged_choices:
+        _logged_choices.add(choice)
+        logger.info("token_logprobs: using the %s path (%s)", choice, why)
+
+
+def select_logprobs_impl(impl: str, logits_NV: torch.Tensor) -> str:
+    """Resolve `impl` ("auto" | "cuda" | "torch") to "cuda" or "torch" for these logits.
+
+    "cuda" raises RuntimeError (saying how to build the extension) when it cannot run; "auto"
+    takes the CUDA op for CUDA tensors when it is built, else the torch path, and logs the choice
+    the first time it is made.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return "torch"
+    op, reason = _cuda_op_or_reason()
+    if impl == "cuda":
+        if op is None:
+            raise RuntimeError(f"token_logprobs(impl='cuda'): {reason}. {CUDA_BUILD_HINT}")
+        if not logits_NV.is_cuda:
+            raise RuntimeError("token_logprobs(impl='cuda') needs CUDA tensors, got logits on "
+                               f"{logits_NV.device}; use impl='auto' or 'torch' for CPU tensors")
+        return "cuda"
+    if op is not None and logits_NV.is_cuda:
+        _log_choice_once("cuda", "extension built, CUDA tensors")
+        return "cuda"
+    why = reason if op is None else "logits are not on a CUDA device"
+    _log_choice_once("torch", why)
+    return "torch"
+
+
+def token_logprobs(
+    logits_NV: torch.Tensor, labels_N: torch.Tensor, *, impl: str = "auto", chunk_rows: int = 2048
+) -> torch.Tensor:
+    """log softmax(logits_NV)[n, labels_N[n]] per row, without an N x V fp32 buffer.
+
+    Args:
+        logits_NV: [N, V] logits in any float dtype (fp32, bf16, fp16); not modified.
+        labels_N: [N] int target ids; -100 = ignored (gives 0 and no gradient).
+        impl: "auto" | "cuda" | "torch" (see `select_logprobs_impl`).
+        chunk_rows: rows per fp32 block on the torch path (bounds its working memory).
+
+    Returns:
+        logps_N: [N] fp32, differentiable w.r.t. `logits_NV`; the gradient has the logits' dtype.
+    """
+    _check_inputs(logits_NV, labels_N, chunk_rows)
+    if select_logprobs_impl(impl, logits_NV) == "cuda":
+        from hpalign.ops.cuda_ext import cuda_token_logprobs
+
+        return cuda_token_logprobs(logits_NV, labels_N)
+    logps_N, _ = _ChunkedTokenLogprobs.apply(logits_NV, labels_N, chunk_rows, False)
+    return logps_N
+
+
+def token_logprobs_and_entropy(
+    logits_NV: torch.Tensor, labels_N: torch.Tensor, *, chunk_rows: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logps_N, entropy_N): `token_logprobs` plus H[n] = -sum_v p log p of softmax(logits_NV[n]).
+
+    Torch path only (chunked, same memory bound). Both outputs are fp32, 0 at ignored rows, and
+    differentiable: the backward is analytic, dH/dx = -p * (x - E_p[x]), computed chunk by chunk
+    together with the log-prob gradient (one pass, no recompute through autograd).
+    """
+    _check_inputs(logits_NV, labels_N, chunk_rows)
+    return _ChunkedTokenLogprobs.apply(logits_NV, labels_N, chunk_rows, True)
+
+
+def _chunk_logps(hidden_CH: torch.Tensor, labels_C: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+    logits_CV = lm_head(hidden_CH).float()
+    return logits_CV.gather(1, labels_C[:, None]).squeeze(1) - torch.logsumexp(logits_CV, dim=-1)
+
+
+def hidden_logprobs(
+    hidden_NH: torch.Tensor, lm_head: torch.nn.Module, labels_N: torch.Tensor, *, chunk_rows: int = 1024
+) -> torch.Tensor:
+    """Per-token log-probs straight from final hidden states: logps[n] = log softmax(lm_head(h_n))[y_n].
+
+    Only rows with labels_N != -100 are projected. They go through `lm_head` `chunk_rows` at a
+    time, each chunk under non-reentrant activation checkpointing, so neither the forward nor the
+    saved activations ever hold more than one [chunk_rows, V] block of logits: the backward
+    recomputes each chunk's logits. `lm_head` is called as a module (never its `.weight`), so
+    DeepSpeed ZeRO-3 hooks gather its parameters, in the forward and in the recompute.
+
+    Args:
+        hidden_NH: [N, H] final hidden states (after the final norm), any float dtype.
+        lm_head: module mapping [C, H] -> [C, V] (e.g. `model.lm_head` or `model.get_output_embeddings()`).
+        labels_N: [N] int target ids; -100 = ignored.
+        chunk_rows: rows per chunk.
+
+    Returns:
+        logps_N: [N] fp32, 0 at ignored rows; differentiable w.r.t. hidden_NH and lm_head's parameters.
+    """
+    if hidden_NH.dim() != 2 or labels_N.shape != hidden_NH.shape[:1]:
+        raise ValueError(
+            f"expected hidden [N, H] and labels [N], got {tuple(hidden_NH.shape)} and {tuple(labels_N.shape)}"
+        )
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    kept_M = (labels_N != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync: sizes the chunks
+    hidden_MH = hidden_NH.index_select(0, kept_M)
+    labels_M = labels_N.index_select(0, kept_M)
+    pieces = []
+    for start in range(0, hidden_MH.shape[0], chunk_rows):
+        args = (hidden_MH[start : start + chunk_rows], labels_M[start : start + chunk_rows], lm_head)
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
+        else:  # e.g. the reference model: nothing is saved anyway
+            pieces.append(_chunk_logps(*args))
+    logps_M = torch.cat(pieces) if pieces else hidden_NH.new_zeros(0, dtype=torch.float32)
+    logps_N = torch.zeros(labels_N.shape[0], dtype=torch.float32, device=hidden_NH.device)
+    return logps_N.index_copy(0, kept_M, logps_M)

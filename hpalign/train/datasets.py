@@ -1,0 +1,73 @@
+"""Turn the data flags into tokenized train / held-out sets, logging everything that was changed."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from hpalign.config import Config
+from hpalign.data import builtin, formats, templates
+from hpalign.data.types import LoadReport, TokenizedExample
+
+logger = logging.getLogger("hpalign")
+
+
+@dataclass
+class PreparedData:
+    train: list[TokenizedExample]
+    val: list[TokenizedExample]
+    val_prompts: list  # chat-message prompts of held-out examples, for generation
+    report: LoadReport
+    builtin: bool
+    val_pairs: list[TokenizedExample] = field(default_factory=list)  # pair form, for preference accuracy
+
+
+def _load(paths: list[str], kind: str, cfg: Config, report: LoadReport) -> list:
+    return formats.load_examples(paths, kind=kind, skip_bad_rows=cfg.data.skip_bad_rows, report=report)
+
+
+def load_raw(cfg: Config, kind: str, report: LoadReport) -> tuple[list, list, bool]:
+    """(train examples, held-out examples, is_builtin) in the algorithm's data kind."""
+    if not cfg.data.dataset:
+        return (builtin.builtin_dataset(kind, "train", seed=0),
+                builtin.builtin_dataset(kind, "test", seed=0), True)
+    train = _load(cfg.data.dataset, kind, cfg, report)
+    if cfg.data.val_dataset:
+        return train, _load(cfg.data.val_dataset, kind, cfg, report), False
+    if cfg.data.split_dataset_ratio > 0:
+        train, val = formats.split_examples(train, ratio=cfg.data.split_dataset_ratio, seed=cfg.train.seed)
+        return train, val, False
+    return train, [], False
+
+
+def prepare_data(cfg: Config, kind: str, template: templates.ChatTemplate) -> PreparedData:
+    report = LoadReport()
+    train_raw, val_raw, is_builtin = load_raw(cfg, kind, report)
+    train = templates.tokenize_examples(train_raw, template, max_length=cfg.data.max_length, report=report)
+    val_report = LoadReport()
+    val = templates.tokenize_examples(val_raw, template, max_length=cfg.data.max_length, report=val_report)
+    report.num_truncated += val_report.num_truncated
+    report.num_truncated_response += val_report.num_truncated_response
+    _log_report(report, len(train), len(val))
+    prompts = _unique_prompts(val_raw)[: cfg.data.num_eval_generations]
+    return PreparedData(train=train, val=val, val_prompts=prompts, report=report, builtin=is_builtin)
+
+
+def _unique_prompts(examples: list) -> list:
+    seen, prompts = set(), []
+    for example in examples:
+        key = repr(example.prompt)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(example.prompt)
+    return prompts
+
+
+def _log_report(report: LoadReport, num_train: int, num_val: int) -> None:
+    logger.info("data: %d train / %d held-out examples (%d rows read)", num_train, num_val, report.num_rows)
+    if report.num_skipped:
+        logger.warning("data: skipped %d bad rows (--skip_bad_rows): %s%s", report.num_skipped,
+                       "; ".join(report.skipped[:10]), " ..." if len(report.skipped) > 10 else "")
+    if report.num_truncated or report.num_truncated_response:
+        logger.warning("data: %d examples lost prompt tokens from the left and %d had their response cut "
+                       "to fit --max_length", report.num_truncated, report.num_truncated_response)

@@ -1,0 +1,101 @@
+"""DeepSpeed engine construction: ZeRO presets, AdamW, warm-up + cosine schedule.
+
+The optimizer is torch's AdamW handed to DeepSpeed as a client optimizer, so no CUDA/C++ op has to be
+compiled on a CPU box; with CPU offload DeepSpeed would insist on its own CPUAdam, which
+`zero_force_ds_cpu_optimizer: false` turns off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ZERO_PRESETS: dict[str, dict[str, Any]] = {
+    "zero0": {"stage": 0},
+    "zero2": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True},
+    "zero3": {"stage": 3, "overlap_comm": False, "stage3_gather_16bit_weights_on_model_save": True},
+    "zero3_offload": {
+        "stage": 3,
+        "overlap_comm": False,
+        "offload_optimizer": {"device": "cpu", "pin_memory": False},
+        "offload_param": {"device": "cpu", "pin_memory": False},
+        "stage3_gather_16bit_weights_on_model_save": True,
+    },
+}
+
+
+def deepspeed_config(
+    preset_or_file: str, *, micro_batch_size: int, gradient_accumulation_steps: int,
+    max_grad_norm: float, dtype: torch.dtype,
+) -> dict[str, Any]:
+    """The DeepSpeed config dict for a preset name or a user JSON file (whose batch and clipping
+    keys are overwritten by hpalign's flags, so there is one source of truth)."""
+    if preset_or_file in ZERO_PRESETS:
+        config: dict[str, Any] = {"zero_optimization": dict(ZERO_PRESETS[preset_or_file])}
+    else:
+        path = Path(preset_or_file)
+        if not path.is_file():
+            raise ValueError(f"--deepspeed {preset_or_file!r}: not a preset ({', '.join(ZERO_PRESETS)}) "
+                             "and not an existing JSON file")
+        config = json.loads(path.read_text())
+    config.update(
+        train_micro_batch_size_per_gpu=micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        gradient_clipping=max_grad_norm,
+        zero_force_ds_cpu_optimizer=False,
+        steps_per_print=10**9,
+        wall_clock_breakdown=False,
+    )
+    config.pop("train_batch_size", None)
+    config["bf16"] = {"enabled": dtype == torch.bfloat16}
+    config["fp16"] = {"enabled": dtype == torch.float16}
+    return config
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def warmup_cosine(step: int, *, num_warmup_steps: int, num_training_steps: int) -> float:
+    """LR multiplier: linear warm-up from 0, then cosine decay to 0 at the last step."""
+    if step < num_warmup_steps:
+        return (step + 1) / (num_warmup_steps + 1)
+    progress = (step - num_warmup_steps) / max(1, num_training_steps - num_warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_engine(model: torch.nn.Module, *, ds_config: dict[str, Any], learning_rate: float,
+                 weight_decay: float, betas: tuple[float, float], num_training_steps: int,
+                 warmup_ratio: float):
+    """Wrap the trainable model in a DeepSpeed engine with AdamW and the warm-up/cosine schedule."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=betas)
+    num_warmup = math.ceil(warmup_ratio * num_training_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, num_warmup_steps=num_warmup,
+                                              num_training_steps=num_training_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine, optimizer, scheduler
+
+
+def build_frozen_engine(model: torch.nn.Module, *, ds_config: dict[str, Any]) -> torch.nn.Module:
+    """A frozen reference model: partitioned by DeepSpeed under ZeRO-3 (so it costs 1/N memory per
+    rank, as TRL and OpenRLHF do), a plain module otherwise."""
+    model.eval().requires_grad_(False)
+    if zero_stage(ds_config) != 3:
+        return model
+    import deepspeed
+
+    frozen_config = {k: v for k, v in ds_config.items() if k not in ("gradient_clipping",)}
+    frozen_config["zero_optimization"] = {
+        k: v for k, v in ds_config["zero_optimization"].items() if k != "offload_optimizer"}
+    engine, *_ = deepspeed.initialize(model=model, config=frozen_config)
+    engine.eval()
+    return engine.module

@@ -1,0 +1,104 @@
+"""Held-out evaluation: preference accuracy from implicit rewards, and a program-checked task metric
+on greedy generations. Work is sharded over ranks; every rank runs the same number of forwards
+(ZeRO-3 gathers parameters collectively), padding its share with zero-weight repeats."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from hpalign.algorithms import SequenceStats
+from hpalign.train import distributed
+
+
+def shard_for_rank(num_items: int, *, batch_size: int) -> list[tuple[list[int], list[float]]]:
+    """This rank's batches of item indices with weights (0 for padding repeats), equal count on all ranks."""
+    world, rank = distributed.world_size(), distributed.rank()
+    chunk = batch_size * world
+    batches = []
+    for start in range(0, num_items, chunk):
+        mine = list(range(start + rank * batch_size, min(start + (rank + 1) * batch_size, num_items)))
+        weights = [1.0] * len(mine)
+        if not mine:  # this rank has nothing left in the last chunk: repeat item 0 with weight 0
+            mine, weights = [0], [0.0]
+        batches.append((mine, weights))
+    return batches
+
+
+def implicit_rewards_ER(policy: SequenceStats, reference: SequenceStats | None, *, beta: float,
+                        length_normalised: bool) -> torch.Tensor:
+    """beta * log(pi/ref) with a reference (DPO's implicit reward), else beta * (mean) log pi."""
+    if reference is not None:
+        return beta * (policy.logps_ER - reference.logps_ER)
+    return beta * (policy.mean_logps_ER if length_normalised else policy.logps_ER)
+
+
+@torch.no_grad()
+def preference_eval(policy_stats_fn: Callable, reference_stats_fn: Callable | None, make_batch: Callable,
+                    num_items: int, *, batch_size: int, beta: float, length_normalised: bool) -> dict[str, float]:
+    """Share of held-out pairs whose chosen answer gets the higher implicit reward (ties count 1/2),
+    the mean reward margin, and the share where the policy's own log-prob prefers the chosen answer."""
+    totals = torch.zeros(4, dtype=torch.float64)  # weight, reward-accuracy, margin, logp-accuracy
+    for indices, weights in shard_for_rank(num_items, batch_size=batch_size):
+        batch = make_batch(indices)
+        policy = policy_stats_fn(batch)
+        reference = reference_stats_fn(batch) if reference_stats_fn else None
+        rewards_ER = implicit_rewards_ER(policy, reference, beta=beta, length_normalised=length_normalised)
+        margin_B = (rewards_ER[:, 0] - rewards_ER[:, 1]).double().cpu()
+        logp_margin_B = (policy.logps_ER[:, 0] - policy.logps_ER[:, 1]).double().cpu()
+        weight_B = torch.tensor(weights, dtype=torch.float64)
+        totals += torch.stack([
+            weight_B.sum(),
+            (weight_B * ((margin_B > 0).double() + 0.5 * (margin_B == 0).double())).sum(),
+            (weight_B * margin_B).sum(),
+            (weight_B * ((logp_margin_B > 0).double() + 0.5 * (logp_margin_B == 0).double())).sum(),
+        ])
+    totals = distributed.all_reduce_sum(totals)
+    count = max(totals[0].item(), 1.0)
+    return {"eval/rewards/accuracies": totals[1].item() / count,
+            "eval/rewards/margins": totals[2].item() / count,
+            "eval/logps/accuracies": totals[3].item() / count}
+
+
+@torch.no_grad()
+def generate_greedy(model, prompt_ids: Sequence[list[int]], *, pad_id: int, stop_ids: list[int],
+                    max_new_tokens: int, synced: bool) -> list[list[int]]:
+    """Greedy continuations of left-padded prompts; returns only the new tokens, cut at a stop id."""
+    width = max(len(p) for p in prompt_ids)
+    device = next(model.parameters()).device
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+                            pad_token_id=pad_id, synced_gpus=synced)
+    continuations = []
+    for row in output[:, width:].tolist():
+        cut = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
+        continuations.append(row[:cut])
+    return continuations
+
+
+def generation_eval(model, tokenizer, prompts: list, encode_prompt: Callable, task_metric: Callable, *,
+                    pad_id: int, stop_ids: list[int], max_new_tokens: int, batch_size: int,
+                    synced: bool) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """The program-checked task metric on greedy generations, and a few samples to show."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    samples: list[dict[str, str]] = []
+    for indices, weights in shard_for_rank(len(prompts), batch_size=batch_size):
+        encoded = [encode_prompt(prompts[i]) for i in indices]
+        outputs = generate_greedy(model, encoded, pad_id=pad_id, stop_ids=stop_ids,
+                                  max_new_tokens=max_new_tokens, synced=synced)
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
+        for i, text, weight in zip(indices, texts, weights):
+            totals += torch.tensor([weight, weight * task_metric([prompts[i]], [text])], dtype=torch.float64)
+            if weight and len(samples) < 4:
+                samples.append({"prompt": prompts[i][-1]["content"], "generation": text})
+    model.train(was_training)
+    totals = distributed.all_reduce_sum(totals)
+    return {"eval/task_metric": totals[1].item() / max(totals[0].item(), 1.0)}, samples

@@ -1,0 +1,95 @@
+"""The offline training loop shared by DPO, CPO, ORPO, SimPO and SFT (KTO and RM plug in the same way).
+
+Read top to bottom: one optimizer step = this rank's micro-batches of the step's global batch; each
+micro-batch is forwarded (policy, and reference without grad), turned into a loss already divided
+by the step's global counts, and backpropagated; DeepSpeed applies the update at the accumulation
+boundary. Metrics stay tensors until one all-reduce per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from hpalign.algorithms import Algorithm, SequenceStats, StepCounts
+from hpalign.config import Config
+from hpalign.data.collate import SequenceBatch
+from hpalign.data.types import TokenizedExample
+from hpalign.train import distributed
+from hpalign.train.schedule import BatchPlan, all_step_indices, micro_batches_for_step
+
+logger = logging.getLogger("hpalign")
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    num_tokens: int  # real (non-pad) tokens forwarded by the policy, all ranks
+    seconds: float
+
+
+@dataclass
+class TrainState:
+    global_step: int = 0
+    start_step: int = 0  # where this process began (after a resume)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def step_counts(examples: list[TokenizedExample], indices: list[int]) -> StepCounts:
+    """Global counts of a step from the tokenized lengths: no collective needed, every rank has them."""
+    chosen = sum(len(examples[i].responses[0]) for i in indices)
+    total = sum(len(r) for i in indices for r in examples[i].responses)
+    return StepCounts(num_examples=float(len(indices)), num_tokens=float(total),
+                      num_chosen_tokens=float(max(chosen, 1)))
+
+
+def train_step(engine, *, algorithm: Algorithm, cfg: Config, micro_batches: list[SequenceBatch],
+               counts: StepCounts, policy_stats: Callable[[SequenceBatch], SequenceStats],
+               reference_stats: Callable[[SequenceBatch], SequenceStats] | None) -> dict[str, torch.Tensor]:
+    """Forward/backward every micro-batch of one optimizer step; returns this rank's metric sums."""
+    # DeepSpeed divides each backward by the accumulation steps and averages gradients over ranks;
+    # our loss is already a share of the global mean, so undo both to get exactly the big-batch gradient.
+    scale = cfg.train.gradient_accumulation_steps * distributed.world_size()
+    sums: dict[str, torch.Tensor] = {}
+    for batch in micro_batches:
+        policy = policy_stats(batch)
+        reference = reference_stats(batch) if reference_stats is not None else None
+        loss, metrics = algorithm.objective(policy, reference, counts, cfg.algorithm)
+        engine.backward(loss * scale)
+        engine.step()
+        for name, value in {"loss": loss.detach(), **metrics}.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float().cpu()
+    return sums
+
+
+def reduce_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One all-reduce for every metric of the step."""
+    names = sorted(sums)
+    values = distributed.all_reduce_sum(torch.stack([torch.as_tensor(sums[n]).reshape(()) for n in names]))
+    return {f"train/{name}": value for name, value in zip(names, values.tolist())}
+
+
+def run_step(engine, *, algorithm: Algorithm, cfg: Config, plan: BatchPlan, step: int,
+             examples: list[TokenizedExample], make_batch: Callable[[list[int]], SequenceBatch],
+             policy_stats, reference_stats) -> StepResult:
+    start = time.perf_counter()
+    counts = step_counts(examples, all_step_indices(plan, step, seed=cfg.train.seed))
+    index_lists = micro_batches_for_step(plan, step, seed=cfg.train.seed, rank=distributed.rank())
+    micro_batches = [make_batch(indices) for indices in index_lists]
+    sums = train_step(engine, algorithm=algorithm, cfg=cfg, micro_batches=micro_batches, counts=counts,
+                      policy_stats=policy_stats, reference_stats=reference_stats)
+    local_tokens = sum(int((b.seq_index >= 0).sum()) for b in micro_batches)
+    sums["num_tokens"] = torch.tensor(float(local_tokens))
+    metrics = reduce_metrics(sums)
+    num_tokens = int(metrics.pop("train/num_tokens"))
+    grad_norm = engine.get_global_grad_norm()
+    metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    metrics["train/learning_rate"] = engine.lr_scheduler.get_last_lr()[0]
+    seconds = time.perf_counter() - start
+    metrics["train/tokens_per_second"] = num_tokens / max(seconds, 1e-9)
+    metrics["train/step_seconds"] = seconds
+    return StepResult(metrics=metrics, num_tokens=num_tokens, seconds=seconds)

@@ -1,0 +1,301 @@
+"""`run(cfg)`: everything `hpalign rlhf` and `deepspeed launch/train.py` do, in reading order.
+
+set up -> data -> models -> engine -> (resume) -> evaluate before -> train -> evaluate after -> report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from hpalign import checkpoint, report
+from hpalign.algorithms import Algorithm, get_algorithm
+from hpalign.config import Config, save_config
+from hpalign.data import builtin, collate, templates
+from hpalign.model import (apply_lora, frozen_copy, load_policy, load_tokenizer, resolve_dtype,
+                           uses_adapter_reference)
+from hpalign.ops.attention import enable_varlen_attention
+from hpalign.train import distributed, engine as engine_lib
+from hpalign.train.datasets import PreparedData, prepare_data
+from hpalign.train.evaluate import generation_eval, preference_eval
+from hpalign.train.forward import sequence_stats
+from hpalign.train.loop import TrainState, run_step
+from hpalign.train.schedule import BatchPlan, total_steps
+
+logger = logging.getLogger("hpalign")
+
+
+@dataclass
+class Session:
+    """What the loop needs, built once."""
+
+    cfg: Config
+    algorithm: Algorithm
+    run_dir: Path
+    tokenizer: object
+    template: templates.ChatTemplate
+    data: PreparedData
+    engine: object
+    reference: torch.nn.Module | None  # None: adapter-disabled policy, or no reference needed
+    packed: bool
+    plan: BatchPlan
+    num_steps: int
+
+
+def setup_logging(run_dir: Path | None) -> None:
+    level = logging.INFO if distributed.is_main() else logging.WARNING
+    logger.setLevel(level)
+    logger.propagate = False
+    if not logger.handlers:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("[hpalign %(asctime)s] %(message)s", "%H:%M:%S"))
+        logger.addHandler(console)
+    if run_dir is not None and distributed.is_main():
+        file_handler = logging.FileHandler(run_dir / "train.log")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(file_handler)
+
+
+def make_run_dir(cfg: Config) -> Path:
+    if cfg.train.resume_from_checkpoint and cfg.train.resume_from_checkpoint != "latest":
+        return Path(cfg.train.resume_from_checkpoint).resolve().parent
+    name = cfg.train.run_name or f"{cfg.algorithm.rlhf_type}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = distributed.broadcast_object(name)
+    run_dir = Path(cfg.train.output_dir) / name
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    return run_dir
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_models(cfg: Config, algorithm: Algorithm, dtype: torch.dtype):
+    """(policy, frozen reference or None). With LoRA the reference is the policy with the adapter
+    off, so no second copy exists; full fine-tuning keeps a frozen copy of the starting weights."""
+    policy = load_policy(cfg.model.model, dtype=dtype, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    reference = None
+    if algorithm.needs_reference and (cfg.tuning.sft_type == "full" or cfg.model.ref_model):
+        source = load_policy(cfg.model.ref_model, dtype=dtype) if cfg.model.ref_model else policy
+        reference = frozen_copy(source)
+    if cfg.tuning.sft_type == "lora":
+        policy = apply_lora(policy, targets=cfg.tuning.lora_target_modules, rank=cfg.tuning.lora_rank,
+                            alpha=cfg.tuning.lora_alpha, dropout=cfg.tuning.lora_dropout)
+    return policy, reference
+
+
+def make_batcher(session_data: list, *, pad_id: int, packed: bool, max_tokens: int):
+    def make_batch(indices: list[int]) -> collate.SequenceBatch:
+        examples = [session_data[i] for i in indices]
+        if packed:
+            return collate.pack_batch(examples, pad_id=pad_id, max_tokens_per_row=max_tokens)
+        return collate.pad_batch(examples, pad_id=pad_id)
+    return make_batch
+
+
+def build_session(cfg: Config) -> Session:
+    algorithm = get_algorithm(cfg.algorithm.rlhf_type)
+    run_dir = make_run_dir(cfg)
+    setup_logging(run_dir)
+    if distributed.is_main():
+        save_config(cfg, run_dir / "config.yaml")
+    logger.info("run directory: %s", run_dir)
+    tokenizer = load_tokenizer(cfg.model.model)
+    template = templates.resolve_template(tokenizer, cfg.model.template, cfg.model.model_type)
+    data = prepare_data(cfg, algorithm.data_kind, template)
+    dtype = resolve_dtype(cfg.model.torch_dtype)
+    policy, reference = build_models(cfg, algorithm, dtype)
+    packed = cfg.data.packing
+    if packed:
+        logger.info("packing on: attention backend %s", enable_varlen_attention(policy))
+        if reference is not None:
+            enable_varlen_attention(reference)
+    plan = BatchPlan(len(data.train), cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
+                     distributed.world_size())
+    num_steps = total_steps(plan, num_train_epochs=cfg.train.num_train_epochs, max_steps=cfg.train.max_steps)
+    if plan.num_wrapped_per_epoch:
+        logger.info("data: %d examples do not fill the last global batch of %d; it wraps around and "
+                    "repeats %d examples of the epoch", len(data.train), plan.global_batch,
+                    plan.num_wrapped_per_epoch)
+    ds_config = engine_lib.deepspeed_config(
+        cfg.train.deepspeed, micro_batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        max_grad_norm=cfg.train.max_grad_norm, dtype=dtype)
+    engine, _, _ = engine_lib.build_engine(
+        policy, ds_config=ds_config, learning_rate=cfg.train.learning_rate,
+        weight_decay=cfg.train.weight_decay, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+        num_training_steps=num_steps, warmup_ratio=cfg.train.warmup_ratio)
+    if reference is not None:
+        reference = engine_lib.build_frozen_engine(reference, ds_config=ds_config)
+    return Session(cfg, algorithm, run_dir, tokenizer, template, data, engine, reference, packed, plan, num_steps)
+
+
+def stats_functions(session: Session):
+    """(policy_stats, reference_stats or None) closures over the session's models."""
+    module = session.engine.module
+
+    def policy_stats(batch):
+        return sequence_stats(module, batch.to(session.engine.device), packed=session.packed)
+
+    if not session.algorithm.needs_reference:
+        return policy_stats, None
+
+    @torch.no_grad()
+    def reference_stats(batch):
+        batch = batch.to(session.engine.device)
+        if session.reference is not None:
+            return sequence_stats(session.reference, batch, packed=session.packed)
+        assert uses_adapter_reference(module)
+        with module.disable_adapter():
+            return sequence_stats(module, batch, packed=session.packed)
+
+    return policy_stats, reference_stats
+
+
+def evaluate(session: Session) -> tuple[dict[str, float], list[dict[str, str]]]:
+    cfg = session.cfg
+    policy_stats, reference_stats = stats_functions(session)
+    metrics: dict[str, float] = {}
+    if session.data.val and session.algorithm.data_kind == "pair":
+        make_batch = make_batcher(session.data.val, pad_id=session.tokenizer.pad_token_id,
+                                  packed=session.packed, max_tokens=cfg.data.max_tokens_per_batch)
+        with torch.no_grad():
+            metrics.update(preference_eval(
+                policy_stats, reference_stats, make_batch, len(session.data.val),
+                batch_size=max(cfg.train.batch_size, 8), beta=cfg.algorithm.beta,
+                length_normalised=cfg.algorithm.rlhf_type in ("simpo", "orpo")))
+    samples: list[dict[str, str]] = []
+    if session.data.val_prompts and cfg.data.num_eval_generations > 0:
+        synced = session.engine.zero_optimization_stage() == 3 and distributed.world_size() > 1
+        task_metric = builtin.task_metric if session.data.builtin else None
+        if task_metric is not None:
+            generated, samples = generation_eval(
+                session.engine.module, session.tokenizer, session.data.val_prompts,
+                session.template.encode_prompt, task_metric, pad_id=session.tokenizer.pad_token_id,
+                stop_ids=session.template.stop_token_ids, max_new_tokens=cfg.data.max_new_tokens,
+                batch_size=16, synced=synced)
+            metrics.update(generated)
+    return metrics, samples
+
+
+def log_samples(samples: list[dict[str, str]], title: str) -> None:
+    for sample in samples[:2]:
+        logger.info("%s sample | prompt: %r -> %r", title, sample["prompt"][:80], sample["generation"][:120])
+
+
+def train(session: Session, state: TrainState, metrics_logger: report.MetricsLogger) -> None:
+    cfg = session.cfg
+    policy_stats, reference_stats = stats_functions(session)
+    make_batch = make_batcher(session.data.train, pad_id=session.tokenizer.pad_token_id,
+                              packed=session.packed, max_tokens=cfg.data.max_tokens_per_batch)
+    session.engine.train()
+    bar = tqdm(total=session.num_steps, initial=state.global_step, desc=cfg.algorithm.rlhf_type,
+               disable=not distributed.is_main(), dynamic_ncols=True)
+    while state.global_step < session.num_steps:
+        result = run_step(session.engine, algorithm=session.algorithm, cfg=cfg, plan=session.plan,
+                          step=state.global_step, examples=session.data.train, make_batch=make_batch,
+                          policy_stats=policy_stats, reference_stats=reference_stats)
+        state.global_step += 1
+        step = state.global_step
+        result.metrics["train/epoch"] = step / session.plan.steps_per_epoch
+        bar.update(1)
+        bar.set_postfix(loss=f"{result.metrics['train/loss']:.4f}", tok_s=f"{result.metrics['train/tokens_per_second']:.0f}")
+        if step % cfg.train.logging_steps == 0 or step == session.num_steps:
+            metrics_logger.log(step, result.metrics)
+            state.history.append({"step": step, **result.metrics})
+        if cfg.train.eval_steps and step % cfg.train.eval_steps == 0 and step < session.num_steps:
+            eval_metrics, _ = evaluate(session)
+            metrics_logger.log(step, eval_metrics)
+            session.engine.train()
+        if step % cfg.train.save_steps == 0 or step == session.num_steps:
+            save(session, state)
+    bar.close()
+
+
+def save(session: Session, state: TrainState) -> Path:
+    trainer_state = {"global_step": state.global_step, "num_steps": session.num_steps,
+                     "epoch": state.global_step / session.plan.steps_per_epoch,
+                     "steps_per_epoch": session.plan.steps_per_epoch, "seed": session.cfg.train.seed}
+    path = checkpoint.save_checkpoint(
+        session.engine, run_dir=session.run_dir, step=state.global_step, tokenizer=session.tokenizer,
+        trainer_state=trainer_state, save_total_limit=session.cfg.train.save_total_limit)
+    logger.info("saved %s", path)
+    return path
+
+
+def resume(session: Session, state: TrainState) -> None:
+    spec = session.cfg.train.resume_from_checkpoint
+    if not spec:
+        return
+    path = checkpoint.resolve_resume_path(spec, session.run_dir)
+    trainer_state = checkpoint.load_checkpoint(session.engine, path)
+    state.global_step = state.start_step = int(trainer_state["global_step"])
+    logger.info("resumed from %s at step %d", path, state.global_step)
+
+
+def configure_threads(cfg: Config) -> None:
+    if torch.cuda.is_available():
+        return
+    threads = cfg.train.num_threads or max(1, (os.cpu_count() or 1) // distributed.world_size())
+    torch.set_num_threads(threads)
+
+
+def run(cfg: Config) -> int:
+    """Train with a resolved, validated config; returns the process exit code."""
+    started = time.time()
+    distributed.init_distributed()
+    configure_threads(cfg)
+    seed_everything(cfg.train.seed)
+    session = build_session(cfg)
+    state = TrainState()
+    resume(session, state)
+    metrics_logger = report.MetricsLogger(session.run_dir, report_to=cfg.train.report_to,
+                                          config=cfg.to_dict(), enabled=distributed.is_main(),
+                                          run_name=session.run_dir.name)
+    before = None
+    if cfg.train.eval_before_train and state.global_step == 0:
+        before, samples = evaluate(session)
+        metrics_logger.log(0, before)
+        log_samples(samples, "before")
+    train_started = time.time()
+    train(session, state, metrics_logger)
+    train_seconds = time.time() - train_started
+    after, samples = evaluate(session)
+    metrics_logger.log(state.global_step, after)
+    log_samples(samples, "after")
+    metrics_logger.close()
+    finish(session, state, before, after, train_seconds, time.time() - started)
+    return 0
+
+
+def finish(session: Session, state: TrainState, before, after, train_seconds: float, wall: float) -> None:
+    if not distributed.is_main():
+        return
+    run_dir = session.run_dir
+    plot = report.plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")
+    steps_run = max(1, state.global_step - state.start_step)
+    summary = {"rlhf_type": session.cfg.algorithm.rlhf_type, "global_step": state.global_step,
+               "eval_before": before, "eval_after": after, "train_seconds": train_seconds,
+               "seconds_per_step": train_seconds / steps_run, "wall_seconds": wall,
+               "plot": str(plot) if plot else None,
+               "data": {"num_train": len(session.data.train), "num_val": len(session.data.val),
+                        "num_skipped": session.data.report.num_skipped,
+                        "num_truncated": session.data.report.num_truncated,
+                        "num_truncated_response": session.data.report.num_truncated_response}}
+    report.write_summary(run_dir / "summary.json", summary)
+    print("\n" + report.format_eval_table(before, after), file=sys.stderr)
+    print(f"\nrun directory: {run_dir}  ({train_seconds:.0f} s training, "
+          f"{summary['seconds_per_step']:.2f} s/step, {wall:.0f} s total)", file=sys.stderr)
+

@@ -1,0 +1,266 @@
+"""Every input format, every error message, skip counting and the held-out split."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from hpalign.data.formats import load_examples, pairs_to_kto, parse_label, split_examples
+from hpalign.data.types import DataFormatError, KTOExample, LoadReport, PreferenceExample, SFTExample
+
+USER = {"role": "user", "content": "Hi"}
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def load_one(tmp_path, row, kind="pair", **kwargs):
+    return load_examples([write_jsonl(tmp_path / "d.jsonl", [row])], kind=kind, **kwargs)
+
+
+# ----------------------------------------------------------------------------- pair formats
+
+
+def test_flat_prompt_with_system_and_history(tmp_path):
+    row = {"prompt": "And 3+3?", "chosen": "6", "rejected": "7", "system": "Be brief.",
+           "history": [["1+1?", "2"], ["2+2?", "4"]], "margin": 1.5}
+    [ex] = load_one(tmp_path, row)
+    assert ex.prompt == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+    ]
+    assert (ex.chosen, ex.rejected, ex.margin) == ("6", "7", 1.5)
+    assert ex.source.endswith("d.jsonl:1")
+
+
+def test_swift_query_response_rejected_response(tmp_path):
+    row = {"query": "Hi", "response": "Hello 😊", "rejected_response": "Hello", "history": []}
+    [ex] = load_one(tmp_path, row)
+    assert (ex.prompt, ex.chosen, ex.rejected) == ([USER], "Hello 😊", "Hello")
+
+
+def test_trl_conversational_with_and_without_prompt_prefix(tmp_path):
+    prompt = [{"role": "system", "content": "S"}, USER]
+    rows = [
+        {"prompt": prompt, "chosen": [{"role": "assistant", "content": "A"}],
+         "rejected": [{"role": "assistant", "content": "B"}]},
+        {"prompt": prompt, "chosen": prompt + [{"role": "assistant", "content": "A"}], "rejected": "B"},
+    ]
+    loaded = load_examples([write_jsonl(tmp_path / "d.jsonl", rows)], kind="pair")
+    assert [(ex.prompt, ex.chosen, ex.rejected) for ex in loaded] == [(prompt, "A", "B")] * 2
+
+
+def test_trl_implicit_prompt(tmp_path):
+    row = {"chosen": [USER, {"role": "assistant", "content": "A"}],
+           "rejected": [USER, {"role": "assistant", "content": "B"}]}
+    [ex] = load_one(tmp_path, row)
+    assert (ex.prompt, ex.chosen, ex.rejected) == ([USER], "A", "B")
+
+
+def test_messages_plus_rejected_response(tmp_path):
+    row = {"messages": [USER, {"role": "assistant", "content": "A"}], "rejected_response": "B"}
+    [ex] = load_one(tmp_path, row)
+    assert (ex.prompt, ex.chosen, ex.rejected) == ([USER], "A", "B")
+
+
+def test_hh_rlhf_raw_text_multi_turn(tmp_path):
+    shared = "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant:"
+    row = {"chosen": shared + " 6.", "rejected": shared + " I won't say."}
+    [ex] = load_one(tmp_path, row)
+    assert ex.prompt == [
+        {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And 3+3?"},
+    ]
+    assert (ex.chosen, ex.rejected) == ("6.", "I won't say.")
+
+
+def test_chosen_identical_to_rejected_is_allowed(tmp_path):
+    [ex] = load_one(tmp_path, {"prompt": "Hi", "chosen": "Same", "rejected": "Same"})
+    assert ex.chosen == ex.rejected == "Same"
+
+
+# ----------------------------------------------------------------------------- file types
+
+
+ROWS = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(3)]
+
+
+def _check_rows(loaded, path):
+    assert [(ex.prompt[-1]["content"], ex.chosen) for ex in loaded] == [(f"q{i}", f"good {i}") for i in range(3)]
+    assert [ex.source for ex in loaded] == [f"{path}:row {i}" for i in range(3)]
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_json_list_and_data_object(tmp_path, wrap):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"data": ROWS} if wrap else ROWS))
+    _check_rows(load_examples([str(path)], kind="pair"), str(path))
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = str(tmp_path / "d.parquet")
+    pq.write_table(pa.Table.from_pylist(ROWS), path)
+    _check_rows(load_examples([path], kind="pair"), path)
+
+
+def test_csv_with_json_history_column(tmp_path):
+    path = tmp_path / "d.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["prompt", "chosen", "rejected", "history", "margin"])
+        writer.writeheader()
+        for row in ROWS:
+            writer.writerow({**row, "history": json.dumps([["a", "b"]]), "margin": "0.5"})
+    loaded = load_examples([str(path)], kind="pair")
+    _check_rows(loaded, str(path))
+    assert loaded[0].prompt[:2] == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert loaded[0].margin == 0.5
+
+
+def test_save_to_disk_folder_and_concatenation(tmp_path):
+    import datasets
+
+    folder = str(tmp_path / "saved")
+    datasets.Dataset.from_list(ROWS).save_to_disk(folder)
+    _check_rows(load_examples([folder], kind="pair"), folder)
+    jsonl = write_jsonl(tmp_path / "more.jsonl", ROWS[:1])
+    report = LoadReport()
+    assert len(load_examples([folder, jsonl], kind="pair", report=report)) == 4
+    assert report.num_rows == 4
+
+
+def test_missing_path_says_hub_ids_are_not_fetched():
+    with pytest.raises(ValueError, match=r"shareai-llama3-dpo-zh-en-emoji.*does not fetch hub ids"):
+        load_examples(["shareai-llama3-dpo-zh-en-emoji"], kind="pair")
+
+
+def test_builtin_name_loads_builtin():
+    assert len(load_examples(["builtin-emoji:test"], kind="pair")) == 64
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_bad_json_line_names_line_and_json_error(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + '{"prompt": "x", "chosen" "y"}\n')
+    with pytest.raises(DataFormatError, match=r"d\.jsonl:2: invalid JSON \(Expecting ':' delimiter") as info:
+        load_examples([str(path)], kind="pair")
+    assert info.value.source == f"{path}:2"
+
+
+def test_missing_field_lists_columns_and_formats(tmp_path):
+    with pytest.raises(DataFormatError, match=r"field 'rejected': missing\. Columns found: chosen, prompt\. "
+                       r"Accepted formats: .*HH-RLHF") as info:
+        load_one(tmp_path, {"prompt": "Hi", "chosen": "A"})
+    assert info.value.field_name == "rejected"
+
+
+def test_wrong_type(tmp_path):
+    with pytest.raises(DataFormatError, match=r"d\.jsonl:1, field 'chosen': expected a string .* got a int"):
+        load_one(tmp_path, {"prompt": "Hi", "chosen": 3, "rejected": "B"})
+
+
+@pytest.mark.parametrize("field_name", ["chosen", "rejected"])
+def test_empty_response(tmp_path, field_name):
+    row = {"prompt": "Hi", "chosen": "A", "rejected": "B", field_name: "  \n"}
+    with pytest.raises(DataFormatError, match=rf"field '{field_name}': the response is empty"):
+        load_one(tmp_path, row)
+
+
+def test_prompt_must_end_with_user(tmp_path):
+    row = {"prompt": [USER, {"role": "assistant", "content": "x"}], "chosen": "A", "rejected": "B"}
+    with pytest.raises(DataFormatError, match="must end with a user turn"):
+        load_one(tmp_path, row)
+
+
+def test_skip_bad_rows_counts_and_lists(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps(ROWS[0])
+    path.write_text("\n".join([good, "{not json", json.dumps({"prompt": "x", "chosen": "", "rejected": "r"}), good]) + "\n")
+    report = LoadReport()
+    loaded = load_examples([str(path)], kind="pair", skip_bad_rows=True, report=report)
+    assert len(loaded) == 2
+    assert (report.num_rows, report.num_skipped) == (4, 2)
+    assert report.skipped[0].startswith(f"{path}:2: invalid JSON")
+    assert report.skipped[1].startswith(f"{path}:3, field 'chosen'")
+
+
+def test_error_hints_skip_flag_and_empty_dataset_is_error(tmp_path):
+    with pytest.raises(DataFormatError, match="--skip_bad_rows"):
+        load_one(tmp_path, {"prompt": "Hi"})
+    with pytest.raises(ValueError, match="no usable pair examples"):
+        load_one(tmp_path, {"prompt": "Hi"}, skip_bad_rows=True)
+
+
+# ----------------------------------------------------------------------------- KTO and SFT
+
+
+@pytest.mark.parametrize("raw, expected", [(True, True), (0, False), (1, True), ("TRUE", True), ("false", False),
+                                           ("1", True), ("0", False)])
+def test_kto_label_parsing(raw, expected):
+    assert parse_label(raw, "s") is expected
+
+
+@pytest.mark.parametrize("raw", ["yes", 2, None, "", [1]])
+def test_kto_bad_label_names_the_row(raw):
+    with pytest.raises(DataFormatError, match=r"^f\.jsonl:7, field 'label': expected true/false or 1/0"):
+        parse_label(raw, "f.jsonl:7")
+
+
+def test_kto_rows_and_pair_rows(tmp_path):
+    rows = [
+        {"prompt": "Hi", "completion": "Hello", "label": "False"},
+        {"prompt": [USER], "completion": "Hey", "label": 1},
+        {"messages": [USER, {"role": "assistant", "content": "Yo"}], "label": True},
+        {"prompt": "Hi", "chosen": "A", "rejected": "B"},
+    ]
+    loaded = load_examples([write_jsonl(tmp_path / "k.jsonl", rows)], kind="kto")
+    assert all(isinstance(ex, KTOExample) and ex.prompt == [USER] for ex in loaded)
+    assert [(ex.completion, ex.label) for ex in loaded] == [
+        ("Hello", False), ("Hey", True), ("Yo", True), ("A", True), ("B", False)]
+    with pytest.raises(DataFormatError, match=r"d\.jsonl:1, field 'label': expected true/false"):
+        load_one(tmp_path, {"prompt": "Hi", "completion": "x", "label": "maybe"}, kind="kto")
+
+
+def test_pairs_to_kto():
+    pair = PreferenceExample([USER], "A", "B", "s", margin=None)
+    assert pairs_to_kto([pair]) == [KTOExample([USER], "A", True, "s"), KTOExample([USER], "B", False, "s")]
+
+
+def test_sft_formats(tmp_path):
+    rows = [
+        {"query": "Hi", "response": "A"},
+        {"messages": [USER, {"role": "assistant", "content": "B"}]},
+        {"prompt": "Hi", "chosen": "C", "rejected": "x"},
+    ]
+    loaded = load_examples([write_jsonl(tmp_path / "s.jsonl", rows)], kind="sft")
+    assert loaded == [SFTExample([USER], r, f"{tmp_path}/s.jsonl:{i + 1}") for i, r in enumerate("ABC")]
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def test_split_is_deterministic_and_disjoint():
+    items = list(range(100))
+    train, held = split_examples(items, ratio=0.1, seed=3)
+    assert (len(train), len(held)) == (90, 10)
+    assert sorted(train + held) == items
+    assert split_examples(items, ratio=0.1, seed=3) == (train, held)
+    assert split_examples(items, ratio=0.1, seed=4) != (train, held)
+
+
+def test_split_keeps_at_least_one_held_out():
+    assert [len(part) for part in split_examples([1, 2, 3], ratio=0.01, seed=0)] == [2, 1]
+    assert split_examples([1], ratio=0.5, seed=0) == ([1], [])
+    assert split_examples([1, 2], ratio=0.0, seed=0) == ([1, 2], [])
+    with pytest.raises(ValueError, match="split ratio"):
+        split_examples([1, 2], ratio=1.0, seed=0)
