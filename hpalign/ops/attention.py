@@ -33,7 +33,8 @@ import torch.nn.functional as F
 logger = logging.getLogger("hpalign")
 
 SDPA_IMPL = "hpalign_varlen"
-FLASH_IMPL = "hpalign_varlen_flash"
+# No "flash" in the name: transformers treats any such name as a request for its own FA kernels.
+FLASH_IMPL = "hpalign_varlen_fa"
 BACKEND_IMPLS = {"sdpa_per_sequence": SDPA_IMPL, "flash_varlen": FLASH_IMPL}
 SEGMENTS_KWARG = "hpalign_segments"
 
@@ -233,7 +234,7 @@ def flash_varlen_attention_forward(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0, **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """`AttentionInterface` function "hpalign_varlen_flash": as above with flash_attn_varlen_func."""
+    """`AttentionInterface` function "hpalign_varlen_fa": as above with flash_attn_varlen_func."""
     return _attention("flash_varlen", module, query, key, value, attention_mask, scaling, dropout, kwargs)
 
 
@@ -248,7 +249,7 @@ def _varlen_mask(*, attention_mask: torch.Tensor | None = None, **kwargs: Any) -
 
 
 def register_varlen_attention() -> None:
-    """Register "hpalign_varlen" and "hpalign_varlen_flash" with transformers (idempotent)."""
+    """Register "hpalign_varlen" and "hpalign_varlen_fa" with transformers (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 

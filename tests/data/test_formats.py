@@ -264,3 +264,26 @@ def test_split_keeps_at_least_one_held_out():
     assert split_examples([1, 2], ratio=0.0, seed=0) == ([1, 2], [])
     with pytest.raises(ValueError, match="split ratio"):
         split_examples([1, 2], ratio=1.0, seed=0)
+
+
+def test_json_file_errors_and_jsonl_named_json(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n{"prompt": "a",\n "chosen" 1}]')
+    with pytest.raises(DataFormatError, match=r"broken\.json:3: invalid JSON \(Expecting ':' delimiter"):
+        load_examples([str(broken)], kind="pair")
+    lines = tmp_path / "lines.json"
+    lines.write_text("\n".join(json.dumps(row) for row in ROWS))
+    assert [ex.source for ex in load_examples([str(lines)], kind="pair")][-1] == f"{lines}:3"
+    odd = tmp_path / "d.xlsx"
+    odd.write_text("x")
+    with pytest.raises(ValueError, match=r"unsupported file type '\.xlsx'"):
+        load_examples([str(odd)], kind="pair")
+
+
+def test_sharegpt_roles_and_bad_role(tmp_path):
+    row = {"messages": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "A"}], "rejected_response": "B"}
+    [ex] = load_one(tmp_path, row)
+    assert (ex.prompt, ex.chosen) == ([USER], "A")
+    row = {"prompt": [{"role": "robot", "content": "Hi"}], "chosen": "A", "rejected": "B"}
+    with pytest.raises(DataFormatError, match="message 0 has role 'robot'"):
+        load_one(tmp_path, row)

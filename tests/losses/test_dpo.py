@@ -65,7 +65,8 @@ def test_float64_recomputation(loss_type: str) -> None:
     losses, _ = dpo_losses(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps)
     h = (pc - rc) - (pr - rr)
     expected = {
-        "sigmoid": -(1 - eps) * torch.log(torch.sigmoid(beta * h)) - eps * torch.log(torch.sigmoid(-beta * h)),
+        "sigmoid": -(1 - eps) * torch.log(torch.sigmoid(beta * h))
+        - eps * torch.log(torch.sigmoid(-beta * h)),
         "ipo": (h - 1 / (2 * beta)) ** 2,
         "hinge": torch.clamp(1 - beta * h, min=0),
     }[loss_type]
@@ -105,7 +106,9 @@ def test_micro_batches_sum_to_one_big_batch() -> None:
     pc, pr, rc, rr = (-10 * torch.rand(12, generator=g) for _ in range(4))
     full, _ = dpo_losses(pc, pr, rc, rr)
     # 3 micro-batches of unequal size, normalised once by the global pair count.
-    parts = [dpo_losses(pc[s], pr[s], rc[s], rr[s])[0].sum() for s in (slice(0, 2), slice(2, 7), slice(7, 12))]
+    parts = [
+        dpo_losses(pc[s], pr[s], rc[s], rr[s])[0].sum() for s in (slice(0, 2), slice(2, 7), slice(7, 12))
+    ]
     torch.testing.assert_close(sum(parts) / 12, full.mean())
 
 

@@ -40,7 +40,8 @@ def test_reference_point_is_clamped_and_detached() -> None:
     z0 = torch.tensor(-1.0, requires_grad=True)
     policy = POLICY.clone().requires_grad_()
     losses, metrics = kto_losses(policy, REF, z0, LABELS, beta=0.1)
-    # z0 = max(0, -1) = 0: ex0 sigmoid(-0.2) = 0.450166003, ex1 sigmoid(-0) = 0.5, ex2 sigmoid(0.2) = 0.549833997
+    # z0 = max(0, -1) = 0: ex0 sigmoid(-0.2) = 0.450166003, ex1 sigmoid(-0) = 0.5,
+    #                      ex2 sigmoid(0.2) = 0.549833997
     torch.testing.assert_close(losses.detach(), torch.tensor([0.450166003, 0.5, 0.549833997]))
     torch.testing.assert_close(metrics["kl"], torch.zeros(3))
     losses.sum().backward()
@@ -53,9 +54,13 @@ def test_float64_recomputation() -> None:
     policy, ref = (-40 * torch.rand(50, generator=g, dtype=torch.float64) for _ in range(2))
     labels = torch.rand(50, generator=g) > 0.4
     z0, beta, lam_d, lam_u = 0.7, 0.25, 1.5, 0.8
-    losses, _ = kto_losses(policy, ref, z0, labels, beta=beta, desirable_weight=lam_d, undesirable_weight=lam_u)
+    losses, _ = kto_losses(
+        policy, ref, z0, labels, beta=beta, desirable_weight=lam_d, undesirable_weight=lam_u
+    )
     r = policy - ref
-    expected = torch.where(labels, lam_d * (1 - torch.sigmoid(beta * (r - z0))), lam_u * (1 - torch.sigmoid(beta * (z0 - r))))
+    expected = torch.where(
+        labels, lam_d * (1 - torch.sigmoid(beta * (r - z0))), lam_u * (1 - torch.sigmoid(beta * (z0 - r)))
+    )
     torch.testing.assert_close(losses, expected, rtol=1e-12, atol=1e-12)
 
 

@@ -52,8 +52,9 @@ def test_gae_hand_worked_three_steps() -> None:
     torch.testing.assert_close(advantages, torch.tensor([[0.46575, 0.385, 0.3], [0.765, 0.7, 0.0]]))
     # returns = A + V: 0.96575, 0.985, 1.0 ; 1.165, 1.0, 0 (padding)
     torch.testing.assert_close(returns, torch.tensor([[0.96575, 0.985, 1.0], [1.165, 1.0, 0.0]]))
-    # gamma 0.9, lam 0.5 on row 0: A2 = 0.3 ; t1 delta = 0.9 * 0.7 - 0.6 = 0.03, A1 = 0.03 + 0.45 * 0.3 = 0.165
-    #                              t0 delta = 0.9 * 0.6 - 0.5 = 0.04, A0 = 0.04 + 0.45 * 0.165 = 0.11425
+    # gamma 0.9, lam 0.5 on row 0: A2 = 0.3
+    #   t1 delta = 0.9 * 0.7 - 0.6 = 0.03, A1 = 0.03 + 0.45 * 0.3 = 0.165
+    #   t0 delta = 0.9 * 0.6 - 0.5 = 0.04, A0 = 0.04 + 0.45 * 0.165 = 0.11425
     adv_discounted, _ = gae_advantages(rewards[:1], values[:1], mask[:1], gamma=0.9, lam=0.5)
     torch.testing.assert_close(adv_discounted, torch.tensor([[0.11425, 0.165, 0.3]]))
 
@@ -74,8 +75,12 @@ def test_gae_matches_naive_double_loop() -> None:
     mask = torch.tensor([[t < n for t in range(num_steps)] for n in lengths])
     advantages, returns = gae_advantages(rewards, values, mask, gamma=gamma, lam=lam)
     for i, n in enumerate(lengths):
-        expected = naive_gae(rewards[i, :n].tolist(), values[i, :n].tolist(), gamma, lam) + [0.0] * (num_steps - n)
-        torch.testing.assert_close(advantages[i], torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+        expected = naive_gae(rewards[i, :n].tolist(), values[i, :n].tolist(), gamma, lam) + [0.0] * (
+            num_steps - n
+        )
+        torch.testing.assert_close(
+            advantages[i], torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12
+        )
     torch.testing.assert_close(returns, (advantages + values) * mask)
 
 
@@ -117,7 +122,9 @@ def test_policy_loss_float64_and_global_token_normalisation() -> None:
 
 def test_policy_loss_extreme_ratios_finite() -> None:
     logps = torch.tensor([[50.0, -50.0, 0.0]], requires_grad=True)
-    losses, metrics = ppo_policy_losses(logps, torch.zeros(1, 3), torch.tensor([[-1.0, 1.0, 3.0]]), torch.ones(1, 3))
+    losses, metrics = ppo_policy_losses(
+        logps, torch.zeros(1, 3), torch.tensor([[-1.0, 1.0, 3.0]]), torch.ones(1, 3)
+    )
     losses.sum().backward()
     assert torch.isfinite(losses).all() and torch.isfinite(logps.grad).all()
     assert all(torch.isfinite(m).all() for m in metrics.values())

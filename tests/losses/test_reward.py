@@ -24,7 +24,9 @@ def test_hand_worked() -> None:
 
 
 def test_margin_and_centring_hand_worked() -> None:
-    losses, _ = reward_losses(RC, RR, margins_B=torch.tensor([0.0, 0.5, 0.0]), center_rewards_coefficient=0.01)
+    losses, _ = reward_losses(
+        RC, RR, margins_B=torch.tensor([0.0, 0.5, 0.0]), center_rewards_coefficient=0.01
+    )
     # z = 1, 0.5 - 0.5 = 0, -2 -> 0.313261688, log 2 = 0.693147181, 2.126928011
     # centring 0.01 (r_c + r_r)^2 = 0.01 * 9 = 0.09, 0.01 * 0.25 = 0.0025, 0.01 * 0 = 0
     expected = torch.tensor([0.313261688 + 0.09, math.log(2) + 0.0025, 2.126928011])

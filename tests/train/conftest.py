@@ -1,0 +1,39 @@
+"""Helpers to run the real training command on tiny-random-llama in a subprocess.
+
+Each run is its own process (as users run it), so DeepSpeed's process group and global state never
+leak between tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_FLAGS = ["--model", "tiny-random-llama", "--num_eval_generations", "4", "--max_new_tokens", "8",
+              "--logging_steps", "1", "--eval_steps", "0", "--save_steps", "1000", "--max_length", "256"]
+
+
+def run_cli(args: list[str], *, launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               DS_ACCELERATOR="cpu")
+    command = launcher + [str(REPO / "launch" / "train.py")] if launcher else [sys.executable, "-m", "hpalign", "rlhf"]
+    result = subprocess.run(command + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        pytest.fail(f"command failed ({result.returncode}): {' '.join(command + args)}\n"
+                    f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-8000:]}")
+    return result
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "train/loss" in r]
+
+
+def eval_records(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if any(k.startswith("eval/") for k in r)]
