@@ -58,8 +58,9 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             lse_N[rows] = lse_C
             target_N[rows] = x_CV.gather(1, safe_labels_N[rows, None]).squeeze(1)
             if with_entropy:
-                p_CV = torch.exp(x_CV - lse_C[:, None])
-                entropy_N[rows] = lse_C - (p_CV * x_CV).sum(-1)
+                # -sum p * log p: all terms >= 0, no cancellation (unlike lse - sum p * x).
+                logp_CV = x_CV - lse_C[:, None]
+                entropy_N[rows] = -(logp_CV.exp() * logp_CV).sum(-1)
         zero = torch.zeros((), dtype=torch.float32, device=logits_NV.device)
         logps_N = torch.where(valid_N, target_N - lse_N, zero)
         entropy_N = torch.where(valid_N, entropy_N, zero)

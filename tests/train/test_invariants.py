@@ -1,0 +1,60 @@
+"""Invariants of the loop, on the real command: accumulation layout, resume, ZeRO-3 across 2 ranks."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.train.conftest import TINY_FLAGS, run_cli, train_records
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["--rlhf_type", "dpo", *TINY_FLAGS, "--learning_rate", "1e-3", "--lora_target_modules", "ALL",
+          "--eval_before_train", "false", "--num_eval_generations", "0", "--lora_dropout", "0"]
+
+
+def _losses(run_dir):
+    return [(r["train/loss"], r["train/grad_norm"]) for r in train_records(run_dir)]
+
+
+def _assert_close(a, b, tol):
+    assert len(a) == len(b)
+    for (loss_a, grad_a), (loss_b, grad_b) in zip(a, b):
+        assert loss_a == pytest.approx(loss_b, abs=tol, rel=tol), (a, b)
+        assert grad_a == pytest.approx(grad_b, abs=tol, rel=tol), (a, b)
+
+
+def test_micro_batch_1_x_accumulation_4_equals_micro_batch_4(tmp_path):
+    for name, mb, gas in (("mb4", "4", "1"), ("mb1", "1", "4")):
+        run_cli([*COMMON, "--output_dir", str(tmp_path), "--run_name", name, "--max_steps", "3",
+                 "--batch_size", mb, "--gradient_accumulation_steps", gas])
+    _assert_close(_losses(tmp_path / "mb4"), _losses(tmp_path / "mb1"), 1e-5)
+    weights_a = load_file(tmp_path / "mb4" / "checkpoint-3" / "adapter_model.safetensors")
+    weights_b = load_file(tmp_path / "mb1" / "checkpoint-3" / "adapter_model.safetensors")
+    for key in weights_a:
+        torch.testing.assert_close(weights_a[key], weights_b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    flags = [*COMMON, "--output_dir", str(tmp_path), "--max_steps", "4", "--batch_size", "2",
+             "--warmup_ratio", "0.25"]
+    run_cli([*flags, "--run_name", "full", "--save_steps", "2"])
+    shutil.copytree(tmp_path / "full", tmp_path / "cut", ignore=shutil.ignore_patterns("checkpoint-4"))
+    (tmp_path / "cut" / "metrics.jsonl").write_text("")
+    run_cli([*flags, "--resume_from_checkpoint", str(tmp_path / "cut" / "checkpoint-2")])
+    uninterrupted = _losses(tmp_path / "full")[2:]
+    resumed = _losses(tmp_path / "cut")
+    _assert_close(uninterrupted, resumed, 1e-6)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("preset", ["zero3", "zero3_offload"])
+def test_two_rank_zero3_matches_single_process(tmp_path, preset):
+    if shutil.which("deepspeed") is None:
+        pytest.skip("deepspeed launcher not on PATH")
+    flags = [*COMMON, "--output_dir", str(tmp_path), "--max_steps", "3", "--gradient_accumulation_steps", "1"]
+    run_cli([*flags, "--run_name", "single", "--batch_size", "4"])
+    run_cli([*flags, "--run_name", "ranks", "--batch_size", "2", "--deepspeed", preset],
+            launcher=["deepspeed", "--num_gpus", "2", "--master_port", "29731"], timeout=600)
+    _assert_close(_losses(tmp_path / "single"), _losses(tmp_path / "ranks"), 1e-4)
