@@ -256,7 +256,9 @@ def _make_autograd(namespace: str, *, with_entropy: bool) -> tuple[Any, Any]:
         if grad_entropy is None:
             grad = _ops(namespace).token_logprobs_bwd(grad_logps, logits, labels, lse)
         else:
-            grad = _ops(namespace).token_logprobs_bwd(grad_logps, logits, labels, lse, grad_entropy, entropy[0])
+            grad = _ops(namespace).token_logprobs_bwd(
+                grad_logps, logits, labels, lse, grad_entropy, entropy[0]
+            )
         return grad, None
 
     return setup_context, backward

@@ -5,9 +5,9 @@ for V = 150k and N = 16k tokens that is 10 GB. The paths here never hold more th
 rows in fp32:
 
 - `token_logprobs(logits_NV, labels_N, impl=...)`: from logits the caller already holds. The path
-  is chosen once per call site kind (`auto | cuda | torch`); `torch` is the chunked reference
-  (also the test oracle for the CUDA op in `hpalign.ops.cuda_ext`).
-- `token_logprobs_and_entropy(...)`: the same plus the entropy of each row (torch path).
+  is `auto | cuda | torch` (`auto` logs its choice the first time); `torch` is the chunked
+  reference, also the test oracle for the CUDA op in `hpalign.ops.cuda_ext`.
+- `token_logprobs_and_entropy(...)`: the same plus the entropy of each row.
 - `hidden_logprobs(hidden_NH, lm_head, labels_N)`: from final hidden states, so the logits never
   exist for all rows at once (the Cut-Cross-Entropy idea), and ignored rows are never projected.
 
@@ -29,9 +29,10 @@ IMPLS = ("auto", "cuda", "torch")
 _logged_choices: set[str] = set()
 
 CUDA_BUILD_HINT = (
-    "Build the extension on a machine with CUDA and nvcc (the csrc/ kernels, loaded by "
-    "hpalign/ops/cuda_ext.py; e.g. `pip install -e . --no-build-isolation` from the repository root), "
-    "or pass impl='torch' (or 'auto') to use the chunked torch path."
+    "To build it: on a machine with an NVIDIA GPU, a CUDA build of torch, nvcc and ninja, the csrc/ "
+    "kernels are JIT-built on first use (run `python -c \"from hpalign.ops import cuda_ext; "
+    "cuda_ext.load_extension(verbose=True)\"` to build and see errors), or install an ahead-of-time "
+    "built hpalign._C; otherwise pass impl='torch' (or 'auto') for the chunked torch path."
 )
 
 
@@ -89,18 +90,21 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         grad_NV = torch.empty_like(logits_NV)
         for start in range(0, logits_NV.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            x_CV = logits_NV[rows].float()
-            p_CV = torch.exp(x_CV - lse_N[rows, None])
-            if g_logp_N is not None:
-                g_C1 = g_logp_N[rows, None]
-                grad_CV = p_CV * -g_C1
-                grad_CV.scatter_add_(1, safe_labels_N[rows, None], g_C1)
+            # bf16/fp16 - fp32 promotes to fp32: no separate upcast copy of the chunk.
+            logp_CV = logits_NV[rows] - lse_N[rows, None]
+            if g_ent_N is None:
+                grad_CV = logp_CV.exp_()  # p, in place
             else:
-                grad_CV = torch.zeros_like(p_CV)
+                grad_CV = logp_CV.exp()
+                # dH/dx = -p * (x - E_p[x]) = -p * (log p + H), times the incoming gradient.
+                entropy_term_CV = logp_CV.add_(entropy_N[rows, None]).mul_(grad_CV).mul_(-g_ent_N[rows, None])
+            if g_logp_N is None:
+                grad_CV.zero_()
+            else:  # g * (onehot - p)
+                grad_CV.mul_(-g_logp_N[rows, None]).scatter_add_(1, safe_labels_N[rows, None], g_logp_N[rows, None])
             if g_ent_N is not None:
-                mean_x_C1 = (lse_N[rows] - entropy_N[rows])[:, None]  # E_p[x] = lse - H
-                grad_CV.addcmul_(p_CV * (x_CV - mean_x_C1), g_ent_N[rows, None], value=-1.0)
-            grad_NV[rows] = grad_CV.to(logits_NV.dtype)
+                grad_CV.add_(entropy_term_CV)
+            grad_NV[rows].copy_(grad_CV)  # casts to the logits dtype
         return grad_NV, None, None, None
 
 
@@ -116,15 +120,17 @@ def _check_inputs(logits_NV: torch.Tensor, labels_N: torch.Tensor, chunk_rows: i
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
 
 
-def _cuda_op_or_reason():
-    """(cuda_token_logprobs, None) when the extension is usable, else (None, why not)."""
+def _cuda_unavailable_reason() -> str | None:
+    """None when the CUDA op is loaded (building it on first use if needed), else why not."""
     try:
         from hpalign.ops import cuda_ext
     except ImportError as err:
-        return None, f"hpalign.ops.cuda_ext cannot be imported ({err})"
-    if not cuda_ext.cuda_available():
-        return None, "the CUDA extension is not built or no CUDA device is visible"
-    return cuda_ext.cuda_token_logprobs, None
+        return f"hpalign.ops.cuda_ext cannot be imported ({err})"
+    try:
+        cuda_ext.require_extension()
+    except RuntimeError as err:
+        return str(err)
+    return None
 
 
 def _log_choice_once(choice: str, why: str) -> None:
@@ -138,26 +144,24 @@ def select_logprobs_impl(impl: str, logits_NV: torch.Tensor) -> str:
 
     "cuda" raises RuntimeError (saying how to build the extension) when it cannot run; "auto"
     takes the CUDA op for CUDA tensors when it is built, else the torch path, and logs the choice
-    the first time it is made.
+    the first time it is made. CPU tensors never trigger a build of the extension.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "torch":
         return "torch"
-    op, reason = _cuda_op_or_reason()
     if impl == "cuda":
-        if op is None:
+        reason = _cuda_unavailable_reason()
+        if reason is not None:
             raise RuntimeError(f"token_logprobs(impl='cuda'): {reason}. {CUDA_BUILD_HINT}")
         if not logits_NV.is_cuda:
             raise RuntimeError("token_logprobs(impl='cuda') needs CUDA tensors, got logits on "
                                f"{logits_NV.device}; use impl='auto' or 'torch' for CPU tensors")
         return "cuda"
-    if op is not None and logits_NV.is_cuda:
-        _log_choice_once("cuda", "extension built, CUDA tensors")
-        return "cuda"
-    why = reason if op is None else "logits are not on a CUDA device"
-    _log_choice_once("torch", why)
-    return "torch"
+    reason = "logits are not on a CUDA device" if not logits_NV.is_cuda else _cuda_unavailable_reason()
+    choice = "torch" if reason is not None else "cuda"
+    _log_choice_once(choice, reason or "extension loaded, CUDA tensors")
+    return choice
 
 
 def token_logprobs(
@@ -178,21 +182,25 @@ def token_logprobs(
     if select_logprobs_impl(impl, logits_NV) == "cuda":
         from hpalign.ops.cuda_ext import cuda_token_logprobs
 
-        return cuda_token_logprobs(logits_NV, labels_N)
+        return cuda_token_logprobs(logits_NV, labels_N.long())
     logps_N, _ = _ChunkedTokenLogprobs.apply(logits_NV, labels_N, chunk_rows, False)
     return logps_N
 
 
 def token_logprobs_and_entropy(
-    logits_NV: torch.Tensor, labels_N: torch.Tensor, *, chunk_rows: int = 2048
+    logits_NV: torch.Tensor, labels_N: torch.Tensor, *, impl: str = "auto", chunk_rows: int = 2048
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logps_N, entropy_N): `token_logprobs` plus H[n] = -sum_v p log p of softmax(logits_NV[n]).
 
-    Torch path only (chunked, same memory bound). Both outputs are fp32, 0 at ignored rows, and
-    differentiable: the backward is analytic, dH/dx = -p * (x - E_p[x]), computed chunk by chunk
-    together with the log-prob gradient (one pass, no recompute through autograd).
+    Same arguments, paths and memory bound as `token_logprobs`. Both outputs are fp32, 0 at ignored
+    rows, and differentiable. On the torch path the backward is analytic, dH/dx = -p * (x - E_p[x]),
+    computed chunk by chunk together with the log-prob gradient (no autograd recompute).
     """
     _check_inputs(logits_NV, labels_N, chunk_rows)
+    if select_logprobs_impl(impl, logits_NV) == "cuda":
+        from hpalign.ops.cuda_ext import cuda_token_logprobs_with_entropy
+
+        return cuda_token_logprobs_with_entropy(logits_NV, labels_N.long())
     return _ChunkedTokenLogprobs.apply(logits_NV, labels_N, chunk_rows, True)
 
 

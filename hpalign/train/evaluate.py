@@ -73,7 +73,7 @@ def generate_greedy(model, prompt_ids: Sequence[list[int]], *, pad_id: int, stop
         input_ids[row, width - len(ids):] = torch.tensor(ids)
         attention_mask[row, width - len(ids):] = 1
     output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+                            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids, use_cache=True,
                             pad_token_id=pad_id, synced_gpus=synced)
     continuations = []
     for row in output[:, width:].tolist():

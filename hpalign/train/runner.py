@@ -10,7 +10,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -49,6 +49,8 @@ class Session:
     packed: bool
     plan: BatchPlan
     num_steps: int
+    # The reference never changes: its held-out stats are computed at the first evaluation only.
+    val_reference_cache: dict = field(default_factory=dict)
 
 
 def setup_logging(run_dir: Path | None) -> None:
@@ -171,9 +173,10 @@ def evaluate(session: Session) -> tuple[dict[str, float], list[dict[str, str]]]:
     if session.data.val and session.algorithm.data_kind == "pair":
         make_batch = make_batcher(session.data.val, pad_id=session.tokenizer.pad_token_id,
                                   packed=session.packed, max_tokens=cfg.data.max_tokens_per_batch)
+        cached_reference = _cached(reference_stats, session.val_reference_cache) if reference_stats else None
         with torch.no_grad():
             metrics.update(preference_eval(
-                policy_stats, reference_stats, make_batch, len(session.data.val),
+                policy_stats, cached_reference, make_batch, len(session.data.val),
                 batch_size=max(cfg.train.batch_size, 8), beta=cfg.algorithm.beta,
                 length_normalised=cfg.algorithm.rlhf_type in ("simpo", "orpo")))
     samples: list[dict[str, str]] = []
@@ -188,6 +191,16 @@ def evaluate(session: Session) -> tuple[dict[str, float], list[dict[str, str]]]:
                 batch_size=16, synced=synced)
             metrics.update(generated)
     return metrics, samples
+
+
+def _cached(stats_fn, cache: dict):
+    """Memoise reference stats by batch content (the held-out batches repeat at every evaluation)."""
+    def cached(batch):
+        key = (batch.input_ids.shape, hash(batch.input_ids.numpy().tobytes()))
+        if key not in cache:
+            cache[key] = stats_fn(batch)
+        return cache[key]
+    return cached
 
 
 def log_samples(samples: list[dict[str, str]], title: str) -> None:

@@ -18,6 +18,8 @@ from hpalign.ops.attention import (
     packed_forward_kwargs,
     register_varlen_attention,
 )
+from hpalign.ops.logprobs import hidden_logprobs
+from hpalign.ops.segments import segment_count, segment_sum
 from hpalign.tiny_model import build_tiny_llama
 
 ROW_LEN = 16
@@ -93,14 +95,16 @@ def test_packed_logits_equal_sequences_run_alone(num_kv_heads):
     assert torch.isfinite(logits).all()
 
 
-def test_plain_sdpa_with_position_ids_leaks_across_sequences(model):
-    """The failure mode the op exists for: RoPE positions restart, the causal mask does not."""
+@pytest.mark.parametrize("with_padding_mask", [True, False])
+def test_plain_sdpa_with_position_ids_leaks_across_sequences(model, with_padding_mask):
+    """The failure mode the op exists for: RoPE positions restart, the causal mask does not
+    (with a 2D padding mask, or without one under the default use_cache=True)."""
     seqs = make_sequences(model.config.vocab_size)
     batch = pack(seqs)
+    mask = {"attention_mask": batch["attention_mask"]} if with_padding_mask else {}
     with torch.no_grad():
         expected = per_sequence_logits(model, seqs)
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **mask).logits
     for i, row, start in packed_rows(batch):
         err = (logits[row, start : start + LENGTHS[i]] - expected[i]).abs().max().item()
         if start == 0:  # first sequence of a row has nothing before it to leak from
@@ -133,7 +137,7 @@ def token_logps_sum(logits_RLV: torch.Tensor, ids_RL: torch.Tensor, keep_RL: tor
 
 
 def packed_objective(model, batch, weights) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], **packed_forward_kwargs(batch)).logits
+    logits = model(input_ids=batch["input_ids"], use_cache=False, **packed_forward_kwargs(batch)).logits
     same_seq = (batch["seq_index"][:, 1:] == batch["seq_index"][:, :-1]) & (batch["seq_index"][:, 1:] >= 0)
     keep = torch.cat([torch.zeros(len(same_seq), 1, dtype=torch.bool), same_seq], 1)
     return token_logps_sum(logits, batch["input_ids"], keep.float() * weights)
@@ -198,6 +202,26 @@ def test_packed_gradients_with_lora(model):
     assert lora_model.get_base_model().config._attn_implementation == "hpalign_varlen"
     # Only the adapters train, and they did receive gradients.
     assert all("lora_" in n for n, p in lora_model.named_parameters() if p.requires_grad)
+
+
+def test_packed_sequence_logps_through_backbone_head_and_segments(model):
+    """The training path: backbone on packed rows -> hidden_logprobs -> segment_sum per sequence."""
+    seqs = make_sequences(model.config.vocab_size)
+    batch = pack(seqs)
+    ids, seq_index = batch["input_ids"], batch["seq_index"]
+    labels = torch.full_like(ids, -100)  # shifted: position t predicts token t + 1 of its own sequence
+    same_seq = (seq_index[:, 1:] == seq_index[:, :-1]) & (seq_index[:, :-1] >= 0)
+    labels[:, :-1] = torch.where(same_seq, ids[:, 1:], -100)
+    enable_varlen_attention(model)
+    hidden = model.model(input_ids=ids, use_cache=False, **packed_forward_kwargs(batch)).last_hidden_state
+    token_logps = hidden_logprobs(hidden.flatten(0, 1), model.lm_head, labels.flatten(), chunk_rows=8)
+    logps_S = segment_sum(token_logps, seq_index.flatten(), len(seqs))
+    counts_S = segment_count(seq_index.flatten(), labels.flatten() != -100, len(seqs))
+    model.set_attn_implementation("sdpa")
+    for i, s in enumerate(seqs):
+        want = F.log_softmax(model(input_ids=s[None]).logits[0, :-1].double(), -1).gather(1, s[1:, None]).sum()
+        torch.testing.assert_close(logps_S[i].double(), want, atol=1e-4, rtol=1e-5)
+        assert counts_S[i] == len(s) - 1
 
 
 def test_cu_seq_lens_alone_also_isolates(model):

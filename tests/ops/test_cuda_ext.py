@@ -22,7 +22,6 @@ IGNORE = cuda_ext.IGNORE_INDEX
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 no_cuda = pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour without a CUDA device")
-gpu = [pytest.mark.gpu, requires_cuda]
 
 
 def make_inputs(
@@ -235,9 +234,11 @@ def test_glue_composes_with_torch_compile() -> None:
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logps, entropy = cuda_ext._token_logprobs_with_entropy(x, y, namespace=CPU_NS)
-        return logps.sum() + 0.1 * entropy.sum() + cuda_ext._token_logprobs(
-            x, y, inplace_backward=False, namespace=CPU_NS
-        ).sum()
+        return (
+            logps.sum()
+            + 0.1 * entropy.sum()
+            + cuda_ext._token_logprobs(x, y, inplace_backward=False, namespace=CPU_NS).sum()
+        )
 
     compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
     eager_x, compiled_x = logits.clone().requires_grad_(), logits.clone().requires_grad_()
@@ -261,7 +262,7 @@ def _tolerances(dtype: torch.dtype) -> dict[str, float]:
 
 def _grad_tolerances(dtype: torch.dtype) -> dict[str, float]:
     # p = exp(x - lse) uses __expf (a few ulp); bf16/fp16 gradients are rounded to the logits' dtype.
-    return {"rtol": 1e-5, "atol": 1e-8} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-6}
+    return {"rtol": 2e-5, "atol": 1e-8} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-6}
 
 
 @pytest.fixture
