@@ -60,10 +60,23 @@ def train_step(engine, *, algorithm: Algorithm, cfg: Config, micro_batches: list
         reference = reference_stats(batch) if reference_stats is not None else None
         loss, metrics = algorithm.objective(policy, reference, counts, cfg.algorithm)
         engine.backward(loss * scale)
+        if engine.is_gradient_accumulation_boundary():
+            sums["grad_norm"] = _grad_norm_before_clipping(engine)
         engine.step()
         for name, value in {"loss": loss.detach(), **metrics}.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float().cpu()
     return sums
+
+
+def _grad_norm_before_clipping(engine) -> torch.Tensor:
+    """The global gradient norm. ZeRO-2/3 compute it while clipping (read after the step, see
+    `run_step`); ZeRO-0 discards it, so it is computed here from the already all-reduced grads.
+    Returned divided by the world size so that summing over ranks gives the norm."""
+    if engine.zero_optimization_stage() != 0:
+        return torch.tensor(0.0)
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.tensor(0.0)
+    return norm.cpu() / distributed.world_size()
 
 
 def reduce_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -86,8 +99,8 @@ def run_step(engine, *, algorithm: Algorithm, cfg: Config, plan: BatchPlan, step
     sums["num_tokens"] = torch.tensor(float(local_tokens))
     metrics = reduce_metrics(sums)
     num_tokens = int(metrics.pop("train/num_tokens"))
-    grad_norm = engine.get_global_grad_norm()
-    metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    if engine.zero_optimization_stage() != 0:
+        metrics["train/grad_norm"] = float(engine.get_global_grad_norm())
     metrics["train/learning_rate"] = engine.lr_scheduler.get_last_lr()[0]
     seconds = time.perf_counter() - start
     metrics["train/tokens_per_second"] = num_tokens / max(seconds, 1e-9)
