@@ -24,6 +24,9 @@ class SequenceStats:
 
     logps_ER: torch.Tensor  # [E, R] summed log p(response token), R = responses per example
     num_tokens_ER: torch.Tensor  # [E, R] response token counts (float)
+    labels_E: torch.Tensor | None = None  # [E] bool, KTO: True = desirable
+    margins_E: torch.Tensor | None = None  # [E] float, RM: optional per-pair margin
+    rewards_ER: torch.Tensor | None = None  # [E, R] scalar rewards of a reward model (RM)
 
     @property
     def mean_logps_ER(self) -> torch.Tensor:
@@ -37,6 +40,9 @@ class StepCounts:
     num_examples: float
     num_tokens: float  # response tokens of every response
     num_chosen_tokens: float  # response tokens of response 0 (the chosen answer)
+    num_desirable: float = 0.0  # KTO
+    num_undesirable: float = 0.0  # KTO
+    kl_reference_point: float = 0.0  # KTO's z0, estimated over the step's global batch
 
 
 Metrics = dict[str, torch.Tensor]
@@ -87,6 +93,30 @@ def orpo_objective(policy, reference, counts, cfg):
     return _with_chosen_nll(loss, _per_example(metrics_B, counts), policy, counts, 1.0)
 
 
+def kto_objective(policy, reference, counts, cfg):
+    losses_B, metrics_B = losses.kto_losses(
+        policy.logps_ER[:, 0], reference.logps_ER[:, 0], counts.kl_reference_point, policy.labels_E,
+        beta=cfg.beta, desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
+    loss = losses_B.sum() / counts.num_examples
+    per_label = {"chosen": max(counts.num_desirable, 1.0), "rejected": max(counts.num_undesirable, 1.0)}
+    metrics = {}
+    for name, values in metrics_B.items():
+        if name.startswith("count/"):
+            continue
+        label = name.rsplit("/", 1)[-1]
+        denominator = per_label.get(label, counts.num_examples)  # "kl" is averaged over every example
+        metrics[name] = values.sum() / denominator
+    return loss, metrics
+
+
+def reward_objective(policy, reference, counts, cfg):
+    rewards_ER = policy.rewards_ER
+    losses_B, metrics_B = losses.reward_losses(
+        rewards_ER[:, 0], rewards_ER[:, 1], margins_B=policy.margins_E,
+        center_rewards_coefficient=cfg.center_rewards_coefficient)
+    return losses_B.sum() / counts.num_examples, _per_example(metrics_B, counts)
+
+
 def sft_objective(policy, reference, counts, cfg):
     nll = -policy.logps_ER.sum() / counts.num_tokens
     return nll, {"nll_loss": nll.detach()}
@@ -100,6 +130,9 @@ class Algorithm:
     needs_reference: bool
     default_beta: float | None
     paper: str
+    forward: str = "logps"  # "logps": response log-probs; "reward": value-head score of the last token
+    estimates_kl: bool = False  # KTO: z0 from mismatched (prompt, completion) pairs of the global batch
+    generates: bool = True  # the held-out task metric needs a generative model
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -108,6 +141,9 @@ ALGORITHMS: dict[str, Algorithm] = {
     "simpo": Algorithm("simpo", simpo_objective, "pair", False, 2.0, "arXiv 2405.14734"),
     "orpo": Algorithm("orpo", orpo_objective, "pair", False, 0.1, "arXiv 2403.07691"),
     "sft": Algorithm("sft", sft_objective, "sft", False, None, "supervised fine-tuning"),
+    "kto": Algorithm("kto", kto_objective, "kto", True, 0.1, "arXiv 2402.01306", estimates_kl=True),
+    "rm": Algorithm("rm", reward_objective, "pair", False, None, "arXiv 2203.02155",
+                    forward="reward", generates=False),
 }
 
 

@@ -58,10 +58,8 @@ def _consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
 
 
 def save_checkpoint(engine, *, run_dir: Path, step: int, tokenizer, trainer_state: dict[str, Any],
-                    save_total_limit: int | None, extra_saver=None) -> Path:
+                    save_total_limit: int | None) -> Path:
     """Write checkpoint-<step> atomically (a collective: every rank calls it)."""
-    from hpalign.model import save_pretrained_weights
-
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f".tmp-checkpoint-{step}"
     if distributed.is_main():
@@ -72,9 +70,7 @@ def save_checkpoint(engine, *, run_dir: Path, step: int, tokenizer, trainer_stat
     state_dict = _consolidated_state_dict(engine)
     torch.save(_rng_state(), tmp / f"rng_state_{distributed.rank()}.pt")
     if distributed.is_main():
-        save_pretrained_weights(engine.module, tmp, state_dict=state_dict, tokenizer=tokenizer)
-        if extra_saver is not None:
-            extra_saver(tmp)
+        save_model_weights(engine.module, tmp, state_dict=state_dict, tokenizer=tokenizer)
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
     distributed.barrier()
     if distributed.is_main():
@@ -83,6 +79,23 @@ def save_checkpoint(engine, *, run_dir: Path, step: int, tokenizer, trainer_stat
         _rotate(run_dir, save_total_limit)
     distributed.barrier()
     return final
+
+
+def save_model_weights(module, directory: Path, *, state_dict: dict | None, tokenizer) -> None:
+    """HF-loadable weights; a reward model also writes `value_head.safetensors` beside them."""
+    from hpalign.model import ValueHead, is_reward_model, save_pretrained_weights, save_value_head
+    from hpalign.model import split_reward_state_dict
+
+    if not is_reward_model(module):
+        save_pretrained_weights(module, directory, state_dict=state_dict, tokenizer=tokenizer)
+        return
+    lm_state, head_state = split_reward_state_dict(state_dict) if state_dict is not None else (None, None)
+    save_pretrained_weights(module.lm, directory, state_dict=lm_state, tokenizer=tokenizer)
+    head = module.value_head
+    if head_state is not None:  # ZeRO-3: the module's own head is partitioned; use the gathered copy
+        head = ValueHead(head_state["summary.weight"].shape[1])
+        head.load_state_dict(head_state)
+    save_value_head(head, directory)
 
 
 def _rotate(run_dir: Path, save_total_limit: int | None) -> None:

@@ -86,6 +86,8 @@ class AlgorithmConfig:
     simpo_gamma: float = field(default=1.0, metadata={"help": "SimPO reward margin."})
     desirable_weight: float = field(default=1.0, metadata={"help": "KTO lambda_D."})
     undesirable_weight: float = field(default=1.0, metadata={"help": "KTO lambda_U."})
+    center_rewards_coefficient: float = field(
+        default=0.0, metadata={"help": "RM: weight of the reward-centring term (r_c + r_r)^2 (arXiv 2312.09244)."})
     precompute_ref_log_probs: bool = field(
         default=False, metadata={"help": "Run the reference once over the data and cache its log-probs."})
     logprob_impl: str = field(default="auto", metadata={"help": "Per-token log-prob path: auto, cuda, torch."})
@@ -109,7 +111,7 @@ class TrainConfig:
         default=None, metadata={"help": "Recompute activations in backward to save memory (default: on with "
                                 "a GPU, off on CPU, where memory is rarely the limit and it costs ~25% time)."})
     seed: int = field(default=42, metadata={"help": "Seed for data order, init and dropout."})
-    eval_steps: int = field(default=50, metadata={"help": "Evaluate the held-out split every N steps (0: only at the ends)."})
+    eval_steps: int = field(default=100, metadata={"help": "Evaluate held-out preference accuracy every N steps (0: only before and after training, which also run the generation task metric)."})
     save_steps: int = field(default=500, metadata={"help": "Save a checkpoint every N steps (and at the end)."})
     logging_steps: int = field(default=5, metadata={"help": "Log metrics every N steps."})
     save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})

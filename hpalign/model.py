@@ -27,6 +27,12 @@ from hpalign.models.lora import (
     reference_forward_context,
     uses_adapter_reference,
 )
+from hpalign.models.reward_model import (
+    RewardModel,
+    is_reward_model,
+    load_reward_model,
+    split_reward_state_dict,
+)
 from hpalign.models.saving import save_pretrained_weights
 from hpalign.models.source import (
     SMOLLM2_NAME,
@@ -40,7 +46,8 @@ from hpalign.models.source import (
 from hpalign.models.value_head import ValueHead, load_value_head, save_value_head
 
 __all__ = [
-    "SMOLLM2_NAME", "TINY_NAME", "ModelSource", "ValueHead", "apply_lora", "base_causal_lm",
+    "SMOLLM2_NAME", "TINY_NAME", "ModelSource", "RewardModel", "ValueHead", "is_reward_model",
+    "load_reward_model", "split_reward_state_dict", "apply_lora", "base_causal_lm",
     "cache_root", "decoder_and_head", "ensure_pad_token", "ensure_smollm2_cached", "frozen_copy",
     "hidden_size", "is_peft_model", "linear_module_names", "load_policy", "load_reference",
     "load_tokenizer", "load_value_head", "lora_target_names", "reference_forward_context",

@@ -50,7 +50,13 @@ def prepare_data(cfg: Config, kind: str, template: templates.ChatTemplate) -> Pr
     report.num_truncated_response += val_report.num_truncated_response
     _log_report(report, len(train), len(val))
     prompts = _unique_prompts(val_raw)[: cfg.data.num_eval_generations]
-    return PreparedData(train=train, val=val, val_prompts=prompts, report=report, builtin=is_builtin)
+    val_pairs = val if kind == "pair" else []
+    if is_builtin and kind != "pair":  # the built-in KTO/SFT forms come from pairs: evaluate on those
+        pairs = builtin.builtin_dataset("pair", "test", seed=0)
+        val_pairs = templates.tokenize_examples(pairs, template, max_length=cfg.data.max_length,
+                                                report=LoadReport())
+    return PreparedData(train=train, val=val, val_prompts=prompts, report=report, builtin=is_builtin,
+                        val_pairs=val_pairs)
 
 
 def _unique_prompts(examples: list) -> list:

@@ -44,7 +44,8 @@ def preference_eval(policy_stats_fn: Callable, reference_stats_fn: Callable | No
         batch = make_batch(indices)
         policy = policy_stats_fn(batch)
         reference = reference_stats_fn(batch) if reference_stats_fn else None
-        rewards_ER = implicit_rewards_ER(policy, reference, beta=beta, length_normalised=length_normalised)
+        rewards_ER = policy.rewards_ER if policy.rewards_ER is not None else implicit_rewards_ER(
+            policy, reference, beta=beta, length_normalised=length_normalised)
         margin_B = (rewards_ER[:, 0] - rewards_ER[:, 1]).double().cpu()
         logp_margin_B = (policy.logps_ER[:, 0] - policy.logps_ER[:, 1]).double().cpu()
         weight_B = torch.tensor(weights, dtype=torch.float64)
@@ -59,6 +60,24 @@ def preference_eval(policy_stats_fn: Callable, reference_stats_fn: Callable | No
     return {"eval/rewards/accuracies": totals[1].item() / count,
             "eval/rewards/margins": totals[2].item() / count,
             "eval/logps/accuracies": totals[3].item() / count}
+
+
+@torch.no_grad()
+def label_eval(policy_stats_fn: Callable, reference_stats_fn: Callable, make_batch: Callable, num_items: int,
+               *, batch_size: int, beta: float) -> dict[str, float]:
+    """KTO data: share of held-out examples whose implicit reward beta*log(pi/ref) has the sign of
+    their label (positive for desirable, negative for undesirable; 0 counts one half)."""
+    totals = torch.zeros(2, dtype=torch.float64)
+    for indices, weights in shard_for_rank(num_items, batch_size=batch_size):
+        batch = make_batch(indices)
+        policy, reference = policy_stats_fn(batch), reference_stats_fn(batch)
+        reward_B = implicit_rewards_ER(policy, reference, beta=beta, length_normalised=False)[:, 0].double().cpu()
+        signed_B = torch.where(policy.labels_E.cpu(), reward_B, -reward_B)
+        weight_B = torch.tensor(weights, dtype=torch.float64)
+        correct_B = (signed_B > 0).double() + 0.5 * (signed_B == 0).double()
+        totals += torch.stack([weight_B.sum(), (weight_B * correct_B).sum()])
+    totals = distributed.all_reduce_sum(totals)
+    return {"eval/kto/label_accuracy": totals[1].item() / max(totals[0].item(), 1.0)}
 
 
 @torch.no_grad()

@@ -34,4 +34,26 @@ def sequence_stats(model: torch.nn.Module, batch: SequenceBatch, *, packed: bool
     logps_S = segment_sum(token_logps_N, seq_ids_N, batch.num_sequences)
     counts_S = segment_count(seq_ids_N, labels_N != -100, batch.num_sequences).to(logps_S.dtype)
     shape = (batch.num_examples, batch.num_responses)
-    return SequenceStats(logps_ER=logps_S.float().view(shape), num_tokens_ER=counts_S.float().view(shape))
+    return SequenceStats(logps_ER=logps_S.float().view(shape), num_tokens_ER=counts_S.float().view(shape),
+                         labels_E=batch.kto_labels, margins_E=batch.margins)
+
+
+def last_token_positions(seq_ids_N: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """[S] flat index of each sequence's last token (its final end-of-turn token)."""
+    positions_N = torch.arange(seq_ids_N.numel(), device=seq_ids_N.device)
+    valid = seq_ids_N >= 0
+    last_S = torch.full((num_sequences,), -1, dtype=torch.long, device=seq_ids_N.device)
+    return last_S.scatter_reduce(0, seq_ids_N[valid], positions_N[valid], reduce="amax")
+
+
+def reward_stats(model: torch.nn.Module, batch: SequenceBatch, *, packed: bool) -> SequenceStats:
+    """Scalar rewards r(x, y) [E, R]: the value head on the hidden state of each sequence's last token."""
+    decoder, _ = decoder_and_head(model.lm)
+    outputs = decoder(input_ids=batch.input_ids, use_cache=False, **backbone_kwargs(batch, packed=packed))
+    hidden_NH = outputs.last_hidden_state.flatten(0, 1)
+    last_S = last_token_positions(batch.seq_index.flatten(), batch.num_sequences)
+    rewards_S = model.value_head(hidden_NH[last_S]).float()
+    shape = (batch.num_examples, batch.num_responses)
+    ones = torch.ones(shape, device=rewards_S.device)
+    return SequenceStats(logps_ER=torch.zeros(shape, device=rewards_S.device), num_tokens_ER=ones,
+                         margins_E=batch.margins, rewards_ER=rewards_S.view(shape))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hpalign import losses
 from hpalign.algorithms import Algorithm, SequenceStats, StepCounts
 from hpalign.config import Config
 from hpalign.data.collate import SequenceBatch
@@ -43,8 +44,51 @@ def step_counts(examples: list[TokenizedExample], indices: list[int]) -> StepCou
     """Global counts of a step from the tokenized lengths: no collective needed, every rank has them."""
     chosen = sum(len(examples[i].responses[0]) for i in indices)
     total = sum(len(r) for i in indices for r in examples[i].responses)
+    desirable = sum(1 for i in indices if examples[i].label)
     return StepCounts(num_examples=float(len(indices)), num_tokens=float(total),
-                      num_chosen_tokens=float(max(chosen, 1)))
+                      num_chosen_tokens=float(max(chosen, 1)), num_desirable=float(desirable),
+                      num_undesirable=float(len(indices) - desirable))
+
+
+def kl_partner_indices(plan: BatchPlan, step: int, *, seed: int) -> tuple[list[int], list[int]]:
+    """(global batch, partner of each position): whose completion each example is paired with for
+    KTO's KL estimate. A derangement within the global batch (the paper's mismatched pairs); with a
+    global batch of one, another example of the data set, so any batch size works."""
+    global_indices = all_step_indices(plan, step, seed=seed)
+    generator = torch.Generator().manual_seed(seed * 7919 + step)
+    if len(global_indices) >= 2:
+        order = losses.mismatched_completion_index(len(global_indices), generator=generator).tolist()
+        return global_indices, [global_indices[j] for j in order]
+    if plan.num_examples < 2:
+        raise ValueError("KTO's KL estimate needs at least 2 examples in the data set")
+    other = int(torch.randint(plan.num_examples - 1, (1,), generator=generator))
+    return global_indices, [other + (other >= global_indices[0])]
+
+
+def kl_examples(examples: list[TokenizedExample], plan: BatchPlan, step: int, *, seed: int, rank: int,
+                max_length: int) -> list[TokenizedExample]:
+    """This rank's mismatched (prompt_i, completion_j) examples for the step, in micro-batch order."""
+    global_indices, partners = kl_partner_indices(plan, step, seed=seed)
+    start = rank * plan.micro_batch_size * plan.accumulation
+    mismatched = []
+    for position in range(start, start + plan.micro_batch_size * plan.accumulation):
+        own, other = examples[global_indices[position]], examples[partners[position]]
+        completion = other.responses[0][: max(1, max_length - len(own.prompt_ids))]
+        mismatched.append(TokenizedExample(prompt_ids=own.prompt_ids, responses=[completion],
+                                           source=f"kl({own.source}, {other.source})", label=own.label))
+    return mismatched
+
+
+@torch.no_grad()
+def kl_reference_point(kl_batches: list[SequenceBatch], policy_stats, reference_stats) -> float:
+    """KTO's z0 = max(0, mean over the global batch of log pi(y'|x) - log ref(y'|x)); one all-reduce."""
+    totals = torch.zeros(2, dtype=torch.float64)
+    for batch in kl_batches:
+        kl_sum, count = losses.kto_kl_estimate(policy_stats(batch).logps_ER[:, 0],
+                                              reference_stats(batch).logps_ER[:, 0])
+        totals += torch.stack([kl_sum.double().cpu(), count.double().cpu()])
+    totals = distributed.all_reduce_sum(totals)
+    return max(0.0, totals[0].item() / max(totals[1].item(), 1.0))
 
 
 def train_step(engine, *, algorithm: Algorithm, cfg: Config, micro_batches: list[SequenceBatch],
@@ -87,12 +131,18 @@ def reduce_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def run_step(engine, *, algorithm: Algorithm, cfg: Config, plan: BatchPlan, step: int,
-             examples: list[TokenizedExample], make_batch: Callable[[list[int]], SequenceBatch],
+             examples: list[TokenizedExample], collate: Callable[[list[TokenizedExample]], SequenceBatch],
              policy_stats, reference_stats) -> StepResult:
     start = time.perf_counter()
     counts = step_counts(examples, all_step_indices(plan, step, seed=cfg.train.seed))
     index_lists = micro_batches_for_step(plan, step, seed=cfg.train.seed, rank=distributed.rank())
-    micro_batches = [make_batch(indices) for indices in index_lists]
+    micro_batches = [collate([examples[i] for i in indices]) for indices in index_lists]
+    if algorithm.estimates_kl:
+        mismatched = kl_examples(examples, plan, step, seed=cfg.train.seed, rank=distributed.rank(),
+                                 max_length=cfg.data.max_length)
+        size = plan.micro_batch_size
+        kl_batches = [collate(mismatched[i:i + size]) for i in range(0, len(mismatched), size)]
+        counts.kl_reference_point = kl_reference_point(kl_batches, policy_stats, reference_stats)
     sums = train_step(engine, algorithm=algorithm, cfg=cfg, micro_batches=micro_batches, counts=counts,
                       policy_stats=policy_stats, reference_stats=reference_stats)
     local_tokens = sum(int((b.seq_index >= 0).sum()) for b in micro_batches)

@@ -21,13 +21,13 @@ from hpalign import checkpoint, report
 from hpalign.algorithms import Algorithm, get_algorithm
 from hpalign.config import Config, save_config
 from hpalign.data import builtin, collate, templates
-from hpalign.model import (apply_lora, frozen_copy, load_policy, load_tokenizer, resolve_dtype,
+from hpalign.model import (RewardModel, apply_lora, frozen_copy, load_policy, load_tokenizer, resolve_dtype,
                            uses_adapter_reference)
 from hpalign.ops.attention import enable_varlen_attention
 from hpalign.train import distributed, engine as engine_lib
 from hpalign.train.datasets import PreparedData, prepare_data
-from hpalign.train.evaluate import generation_eval, preference_eval
-from hpalign.train.forward import sequence_stats
+from hpalign.train.evaluate import generation_eval, label_eval, preference_eval
+from hpalign.train.forward import reward_stats, sequence_stats
 from hpalign.train.loop import TrainState, run_step
 from hpalign.train.schedule import BatchPlan, total_steps
 
@@ -95,16 +95,44 @@ def build_models(cfg: Config, algorithm: Algorithm, dtype: torch.dtype):
     if cfg.tuning.sft_type == "lora":
         policy = apply_lora(policy, targets=cfg.tuning.lora_target_modules, rank=cfg.tuning.lora_rank,
                             alpha=cfg.tuning.lora_alpha, dropout=cfg.tuning.lora_dropout)
+    if algorithm.forward == "reward":
+        policy = RewardModel.with_new_head(policy, seed=cfg.train.seed)
     return policy, reference
 
 
-def make_batcher(session_data: list, *, pad_id: int, packed: bool, max_tokens: int):
-    def make_batch(indices: list[int]) -> collate.SequenceBatch:
-        examples = [session_data[i] for i in indices]
+def make_collate(*, pad_id: int, packed: bool, max_tokens: int):
+    """Examples -> SequenceBatch: packed rows under the token budget, or one padded row per sequence."""
+    def collate_examples(examples: list) -> collate.SequenceBatch:
         if packed:
             return collate.pack_batch(examples, pad_id=pad_id, max_tokens_per_row=max_tokens)
         return collate.pad_batch(examples, pad_id=pad_id)
-    return make_batch
+    return collate_examples
+
+
+def make_batcher(examples: list, *, pad_id: int, packed: bool, max_tokens: int):
+    """Example indices -> SequenceBatch."""
+    collate_examples = make_collate(pad_id=pad_id, packed=packed, max_tokens=max_tokens)
+    return lambda indices: collate_examples([examples[i] for i in indices])
+
+
+def report_kto_balance(examples: list, cfg: Config) -> None:
+    """Print n_D, n_U and lambda_D*n_D / (lambda_U*n_U); warn outside the authors' advised [1, 4/3]."""
+    from hpalign.losses import kto_weight_ratio, suggest_kto_weights
+
+    num_desirable = sum(1 for example in examples if example.label)
+    num_undesirable = len(examples) - num_desirable
+    algo = cfg.algorithm
+    if not num_desirable or not num_undesirable:
+        logger.warning("KTO data has %d desirable and %d undesirable examples: both kinds are needed for "
+                       "KTO to contrast them", num_desirable, num_undesirable)
+        return
+    ratio = kto_weight_ratio(num_desirable, num_undesirable, algo.desirable_weight, algo.undesirable_weight)
+    logger.info("KTO: n_D=%d, n_U=%d, lambda_D*n_D/(lambda_U*n_U)=%.3f", num_desirable, num_undesirable, ratio)
+    if not 1.0 <= ratio <= 4 / 3 + 1e-9:
+        suggested = suggest_kto_weights(num_desirable, num_undesirable, desirable_weight=algo.desirable_weight,
+                                        undesirable_weight=algo.undesirable_weight)
+        logger.warning("KTO: the ratio %.3f is outside [1, 4/3] advised by the authors; try "
+                       "--desirable_weight %.3g --undesirable_weight %.3g", ratio, *suggested)
 
 
 def build_session(cfg: Config) -> Session:
@@ -117,11 +145,13 @@ def build_session(cfg: Config) -> Session:
     tokenizer = load_tokenizer(cfg.model.model)
     template = templates.resolve_template(tokenizer, cfg.model.template, cfg.model.model_type)
     data = prepare_data(cfg, algorithm.data_kind, template)
+    if algorithm.data_kind == "kto":
+        report_kto_balance(data.train, cfg)
     dtype = resolve_dtype(cfg.model.torch_dtype)
     policy, reference = build_models(cfg, algorithm, dtype)
     packed = cfg.data.packing
     if packed:
-        logger.info("packing on: attention backend %s", enable_varlen_attention(policy))
+        logger.info("packing on: attention backend %s", enable_varlen_attention(getattr(policy, "lm", policy)))
         if reference is not None:
             enable_varlen_attention(reference)
     plan = BatchPlan(len(data.train), cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
@@ -147,9 +177,10 @@ def build_session(cfg: Config) -> Session:
 def stats_functions(session: Session):
     """(policy_stats, reference_stats or None) closures over the session's models."""
     module = session.engine.module
+    forward = reward_stats if session.algorithm.forward == "reward" else sequence_stats
 
     def policy_stats(batch):
-        return sequence_stats(module, batch.to(session.engine.device), packed=session.packed)
+        return forward(module, batch.to(session.engine.device), packed=session.packed)
 
     if not session.algorithm.needs_reference:
         return policy_stats, None
@@ -166,31 +197,46 @@ def stats_functions(session: Session):
     return policy_stats, reference_stats
 
 
-def evaluate(session: Session) -> tuple[dict[str, float], list[dict[str, str]]]:
-    cfg = session.cfg
-    policy_stats, reference_stats = stats_functions(session)
-    metrics: dict[str, float] = {}
-    if session.data.val and session.algorithm.data_kind == "pair":
-        make_batch = make_batcher(session.data.val, pad_id=session.tokenizer.pad_token_id,
-                                  packed=session.packed, max_tokens=cfg.data.max_tokens_per_batch)
-        cached_reference = _cached(reference_stats, session.val_reference_cache) if reference_stats else None
-        with torch.no_grad():
-            metrics.update(preference_eval(
-                policy_stats, cached_reference, make_batch, len(session.data.val),
-                batch_size=max(cfg.train.batch_size, 8), beta=cfg.algorithm.beta,
-                length_normalised=cfg.algorithm.rlhf_type in ("simpo", "orpo")))
+def evaluate(session: Session, *, generate: bool = True) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """Held-out metrics; the generation task metric only when `generate` (before and after training)."""
+    metrics = preference_metrics(session)
     samples: list[dict[str, str]] = []
-    if session.data.val_prompts and cfg.data.num_eval_generations > 0:
-        synced = session.engine.zero_optimization_stage() == 3 and distributed.world_size() > 1
-        task_metric = builtin.task_metric if session.data.builtin else None
-        if task_metric is not None:
-            generated, samples = generation_eval(
-                session.engine.module, session.tokenizer, session.data.val_prompts,
-                session.template.encode_prompt, task_metric, pad_id=session.tokenizer.pad_token_id,
-                stop_ids=session.template.stop_token_ids, max_new_tokens=cfg.data.max_new_tokens,
-                batch_size=16, synced=synced)
-            metrics.update(generated)
+    if generate and session.algorithm.generates:
+        generated, samples = generation_metrics(session)
+        metrics.update(generated)
     return metrics, samples
+
+
+def preference_metrics(session: Session) -> dict[str, float]:
+    cfg, data = session.cfg, session.data
+    policy_stats, reference_stats = stats_functions(session)
+    if reference_stats is not None:
+        reference_stats = _cached(reference_stats, session.val_reference_cache)
+    pad_id, budget = session.tokenizer.pad_token_id, cfg.data.max_tokens_per_batch
+    batch_size, beta = max(cfg.train.batch_size, 8), cfg.algorithm.beta or 1.0
+    metrics: dict[str, float] = {}
+    if data.val_pairs:
+        make_batch = make_batcher(data.val_pairs, pad_id=pad_id, packed=session.packed, max_tokens=budget)
+        metrics.update(preference_eval(
+            policy_stats, reference_stats, make_batch, len(data.val_pairs), batch_size=batch_size, beta=beta,
+            length_normalised=cfg.algorithm.rlhf_type in ("simpo", "orpo")))
+    if session.algorithm.data_kind == "kto" and data.val:
+        make_batch = make_batcher(data.val, pad_id=pad_id, packed=session.packed, max_tokens=budget)
+        metrics.update(label_eval(policy_stats, reference_stats, make_batch, len(data.val),
+                                  batch_size=batch_size, beta=beta))
+    return metrics
+
+
+def generation_metrics(session: Session) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """The built-in data's program-checked metric on greedy generations (user data has no checker)."""
+    cfg = session.cfg
+    if not (session.data.builtin and session.data.val_prompts and cfg.data.num_eval_generations > 0):
+        return {}, []
+    synced = session.engine.zero_optimization_stage() == 3 and distributed.world_size() > 1
+    return generation_eval(
+        session.engine.module, session.tokenizer, session.data.val_prompts, session.template.encode_prompt,
+        builtin.task_metric, pad_id=session.tokenizer.pad_token_id, stop_ids=session.template.stop_token_ids,
+        max_new_tokens=cfg.data.max_new_tokens, batch_size=16, synced=synced)
 
 
 def _cached(stats_fn, cache: dict):
@@ -211,15 +257,15 @@ def log_samples(samples: list[dict[str, str]], title: str) -> None:
 def train(session: Session, state: TrainState, metrics_logger: report.MetricsLogger) -> None:
     cfg = session.cfg
     policy_stats, reference_stats = stats_functions(session)
-    make_batch = make_batcher(session.data.train, pad_id=session.tokenizer.pad_token_id,
-                              packed=session.packed, max_tokens=cfg.data.max_tokens_per_batch)
+    collate_examples = make_collate(pad_id=session.tokenizer.pad_token_id, packed=session.packed,
+                                    max_tokens=cfg.data.max_tokens_per_batch)
     session.engine.train()
     bar = tqdm(total=session.num_steps, initial=state.global_step, desc=cfg.algorithm.rlhf_type,
                disable=not distributed.is_main(), dynamic_ncols=True)
     window: list[dict[str, float]] = []  # metrics of the steps since the last log line
     while state.global_step < session.num_steps:
         result = run_step(session.engine, algorithm=session.algorithm, cfg=cfg, plan=session.plan,
-                          step=state.global_step, examples=session.data.train, make_batch=make_batch,
+                          step=state.global_step, examples=session.data.train, collate=collate_examples,
                           policy_stats=policy_stats, reference_stats=reference_stats)
         state.global_step += 1
         step = state.global_step
@@ -233,7 +279,7 @@ def train(session: Session, state: TrainState, metrics_logger: report.MetricsLog
             metrics_logger.log(step, averaged)
             state.history.append({"step": step, **averaged})
         if cfg.train.eval_steps and step % cfg.train.eval_steps == 0 and step < session.num_steps:
-            eval_metrics, _ = evaluate(session)
+            eval_metrics, _ = evaluate(session, generate=False)  # generation only before and after
             metrics_logger.log(step, eval_metrics)
             session.engine.train()
         if step % cfg.train.save_steps == 0 or step == session.num_steps:
