@@ -8,10 +8,20 @@ Paths (all give logps_N = log softmax(logits)[label] per row):
   hidden        hidden_logprobs(hidden, lm_head, labels)            (logits never all in memory)
 The hidden rows include the lm_head matmul (width --hidden), so compare them with each other.
 
-Peak memory is measured beyond the inputs: on GPU torch.cuda.max_memory_allocated minus what was
-allocated before the step; on CPU the growth of ru_maxrss in a fresh child process per row. On GPU
-the forward's achieved bandwidth is also given as a fraction of --peak_gbps for reading the logits
-once (the floor for any exact method).
+Memory, stated exactly. `peak MiB` is the growth of the peak during one forward + backward over
+what existed before it (the inputs: logits or hidden + lm_head, labels, the upstream gradient):
+on GPU torch.cuda.max_memory_allocated minus memory_allocated before; on CPU the peak RSS
+(VmHWM, reset through /proc/self/clear_refs just before the call) minus the RSS before it, in a
+fresh child process per row (one-off lazy allocations paid first on a tiny problem). `extra MiB` subtracts the gradients the call must return and autograd keeps in `.grad`
+(N x V for the logits paths; N x H + V x H for the hidden paths), which every path allocates
+alike: it is the path's own working memory (naive: its saved N x V fp32 log-softmax and the
+backward's temporaries; torch: about one fp32 chunk). The `x naive` columns divide by the naive
+path of the same N and V (naive_hidden for the hidden paths).
+
+Time: the median of --repeats calls after --warmup, with all paths of one (N, V) timed in one
+process in turn (A B A B ...), so that load from other processes on a shared machine falls on
+every path alike. On GPU the forward's achieved bandwidth is also given as a fraction of
+--peak_gbps for reading the logits once (the floor for any exact method).
 
   python benchmarks/bench_logprobs.py                       # CPU: N in {512, 2048}, fp32
   python benchmarks/bench_logprobs.py --n 16384 --paths naive torch cuda   # GPU: bf16 by default
@@ -23,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import re
 import resource
@@ -65,7 +76,10 @@ class Result:
     dtype: str
     fwd_ms: float | None = None
     fwd_bwd_ms: float | None = None
-    peak_mib: float | None = None
+    peak_mib: float | None = None  # growth of the peak over the inputs, one fwd+bwd
+    extra_mib: float | None = None  # peak_mib minus the returned gradients (see the module doc)
+    time_vs_naive: float | None = None  # fwd_bwd_ms / the naive path's
+    extra_vs_naive: float | None = None  # extra_mib / the naive path's
     fwd_floor_frac: float | None = None  # read-the-logits-once time / measured forward time (GPU)
     error: str | None = None
 
@@ -83,7 +97,7 @@ def build_step(cfg: Config) -> tuple[Callable[[], torch.Tensor], Callable[[], No
     grad_N = torch.randn(cfg.num_rows, device=device)
     params: list[torch.Tensor] = []
     if cfg.path in LOGITS_PATHS:
-        logits_NV = (torch.randn(cfg.num_rows, cfg.vocab, device=device, dtype=dtype) * 3).requires_grad_()
+        logits_NV = torch.randn(cfg.num_rows, cfg.vocab, device=device, dtype=dtype).mul_(3).requires_grad_()
         params = [logits_NV]
         impl = {"torch": "torch", "cuda": "cuda"}.get(cfg.path)
         if impl is None:
@@ -107,30 +121,59 @@ def build_step(cfg: Config) -> tuple[Callable[[], torch.Tensor], Callable[[], No
     return forward, forward_backward
 
 
+def grad_bytes(cfg: Config) -> int:
+    """Bytes of the gradients one forward + backward returns (kept in `.grad` by autograd)."""
+    itemsize = DTYPES[cfg.dtype].itemsize
+    if cfg.path in LOGITS_PATHS:
+        return cfg.num_rows * cfg.vocab * itemsize
+    return (cfg.num_rows + cfg.vocab) * cfg.hidden * itemsize
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def median_ms(fn: Callable[[], object], cfg: Config) -> float:
+def interleaved_median_ms(fns: list[Callable[[], object]], cfg: Config) -> list[float]:
+    """Median wall time of each function, called in turn (A B A B ...) so that drift hits all alike."""
     for _ in range(cfg.warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(cfg.repeats):
-        _sync(cfg.device)
-        start = time.perf_counter()
-        fn()
-        _sync(cfg.device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for fn, fn_times in zip(fns, times, strict=True):
+            _sync(cfg.device)
+            start = time.perf_counter()
+            fn()
+            _sync(cfg.device)
+            fn_times.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def _proc_status_kib(key: str) -> int:
+    match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    if match is None:
+        raise OSError(f"no {key} in /proc/self/status")
+    return int(match.group(1))
 
 
 def peak_bytes_cpu(fn: Callable[[], object]) -> int:
-    """Growth of this process's peak RSS over one call (meaningful in a fresh process only)."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) * (1 if sys.platform == "darwin" else 1024)  # macOS: bytes, Linux: KiB
+    """Growth of the peak RSS during one call over the RSS just before it.
+
+    Linux: the peak (VmHWM) is reset first through /proc/self/clear_refs, so that earlier
+    transients (building the inputs) cannot hide the call's own peak. Elsewhere: the growth of
+    ru_maxrss, which is only meaningful in a fresh process.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _proc_status_kib("VmRSS")
+        fn()
+        return (_proc_status_kib("VmHWM") - before) * 1024
+    except OSError:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fn()
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return (after - before) * (1 if sys.platform == "darwin" else 1024)  # macOS: bytes, Linux: KiB
 
 
 def peak_bytes_cuda(fn: Callable[[], object]) -> int:
@@ -142,35 +185,95 @@ def peak_bytes_cuda(fn: Callable[[], object]) -> int:
     return torch.cuda.max_memory_allocated() - start
 
 
-def measure(cfg: Config, peak_gbps: float) -> Result:
-    """Memory first (so that the CPU peak-RSS reading starts from the inputs alone), then time."""
+def measure_memory(cfg: Config) -> Result:
+    """Peak memory of one forward + backward (on CPU: call in a fresh process, see measure_memory_in_child)."""
     result = Result(cfg.path, cfg.num_rows, cfg.vocab, cfg.dtype)
     try:
         if cfg.device == "cpu":  # pay one-off lazy allocations (libraries, autograd threads) first
             tiny = Config(cfg.path, 4, min(cfg.vocab, 64), min(cfg.hidden, 16), cfg.dtype, "cpu", 0, 1)
             build_step(tiny)[1]()
-        forward, forward_backward = build_step(cfg)
+        _, forward_backward = build_step(cfg)
         peak = peak_bytes_cuda(forward_backward) if cfg.device == "cuda" else peak_bytes_cpu(forward_backward)
         result.peak_mib = peak / 2**20
-        with torch.no_grad():
-            result.fwd_ms = median_ms(forward, cfg)
-        result.fwd_bwd_ms = median_ms(forward_backward, cfg)
+        result.extra_mib = (peak - grad_bytes(cfg)) / 2**20
     except (RuntimeError, ValueError) as exc:  # OOM, or a path that cannot run here
         result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    if cfg.device == "cuda" and cfg.path in LOGITS_PATHS and result.fwd_ms:
-        floor_ms = cfg.num_rows * cfg.vocab * DTYPES[cfg.dtype].itemsize / (peak_gbps * 1e9) * 1e3
-        result.fwd_floor_frac = floor_ms / result.fwd_ms
     return result
 
 
-def measure_in_child(cfg: Config, peak_gbps: float) -> Result:
-    """Run one configuration in a fresh interpreter, so that ru_maxrss starts from a clean slate."""
-    cmd = [sys.executable, __file__, "--_child", json.dumps(asdict(cfg)), "--peak_gbps", str(peak_gbps)]
+def measure_times(cfgs: list[Config], peak_gbps: float) -> list[dict[str, float | None]]:
+    """fwd / fwd+bwd medians of every path of one (N, V), interleaved; None where a path fails."""
+    steps, out = [], []
+    for cfg in cfgs:
+        try:
+            steps.append(build_step(cfg))
+        except (RuntimeError, ValueError):
+            steps.append(None)
+    runnable = [(cfg, step) for cfg, step in zip(cfgs, steps, strict=True) if step is not None]
+    with torch.no_grad():
+        fwd_ms = interleaved_median_ms([step[0] for _, step in runnable], cfgs[0])
+    fwd_bwd_ms = interleaved_median_ms([step[1] for _, step in runnable], cfgs[0])
+    by_path = {cfg.path: (f, fb) for (cfg, _), f, fb in zip(runnable, fwd_ms, fwd_bwd_ms, strict=True)}
+    for cfg in cfgs:
+        f, fb = by_path.get(cfg.path, (None, None))
+        floor = None
+        if cfg.device == "cuda" and cfg.path in LOGITS_PATHS and f:
+            floor_ms = cfg.num_rows * cfg.vocab * DTYPES[cfg.dtype].itemsize / (peak_gbps * 1e9) * 1e3
+            floor = floor_ms / f
+        out.append({"fwd_ms": f, "fwd_bwd_ms": fb, "fwd_floor_frac": floor})
+    return out
+
+
+def run_child(mode: str, payload: object, peak_gbps: float) -> object:
+    """Run measure_memory (one Config) or measure_times (a list) in a fresh interpreter."""
+    cmd = [sys.executable, __file__, "--_child", json.dumps({"mode": mode, "payload": payload}),
+           "--peak_gbps", str(peak_gbps)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return Result(cfg.path, cfg.num_rows, cfg.vocab, cfg.dtype, error=f"child failed: {tail[:200]}")
-    return Result(**json.loads(done.stdout.strip().splitlines()[-1]))
+        raise RuntimeError(f"child failed: {tail[:200]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child_main(spec: dict, peak_gbps: float) -> object:
+    if spec["mode"] == "memory":
+        return asdict(measure_memory(Config(**spec["payload"])))
+    return measure_times([Config(**c) for c in spec["payload"]], peak_gbps)
+
+
+def measure_shape(cfgs: list[Config], peak_gbps: float) -> list[Result]:
+    """Every path of one (N, V): memory one path per fresh process (CPU), then interleaved times."""
+    on_cpu = cfgs[0].device == "cpu"
+    results = []
+    for cfg in cfgs:
+        try:
+            results.append(Result(**run_child("memory", asdict(cfg), peak_gbps)) if on_cpu else measure_memory(cfg))
+        except RuntimeError as exc:
+            results.append(Result(cfg.path, cfg.num_rows, cfg.vocab, cfg.dtype, error=str(exc)))
+        if not on_cpu:
+            torch.cuda.empty_cache()
+    ok = [(cfg, r) for cfg, r in zip(cfgs, results, strict=True) if r.error is None]
+    if ok:
+        ok_cfgs = [cfg for cfg, _ in ok]
+        times = run_child("time", [asdict(c) for c in ok_cfgs], peak_gbps) if on_cpu else measure_times(
+            ok_cfgs, peak_gbps)
+        for (_, r), t in zip(ok, times, strict=True):
+            r.fwd_ms, r.fwd_bwd_ms, r.fwd_floor_frac = t["fwd_ms"], t["fwd_bwd_ms"], t["fwd_floor_frac"]
+    add_ratios(results)
+    return results
+
+
+def add_ratios(results: list[Result]) -> None:
+    """time_vs_naive / extra_vs_naive against naive (logits paths) or naive_hidden (hidden paths)."""
+    base = {r.path: r for r in results}
+    for r in results:
+        ref = base.get("naive" if r.path in LOGITS_PATHS else "naive_hidden")
+        if ref is None or r.error or ref.error:
+            continue
+        if r.fwd_bwd_ms and ref.fwd_bwd_ms:
+            r.time_vs_naive = r.fwd_bwd_ms / ref.fwd_bwd_ms
+        if r.extra_mib is not None and ref.extra_mib:
+            r.extra_vs_naive = r.extra_mib / ref.extra_mib
 
 
 def device_slug() -> str:
@@ -184,20 +287,15 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def markdown_table(results: list[Result], device: str) -> str:
-    header = "| path | N | V | dtype | fwd ms | fwd+bwd ms | peak MiB | fwd / read-once floor |"
-    lines = [header, "|" + "---|" * 8]
+    header = ("| path | N | V | dtype | fwd ms | fwd+bwd ms | time x naive | peak MiB | extra MiB | "
+              "extra x naive | fwd / read-once floor |")
+    lines = [header, "|" + "---|" * 11]
     for r in results:
-        cells = [
-            r.path,
-            str(r.num_rows),
-            str(r.vocab),
-            r.dtype,
-            _fmt(r.fwd_ms, ".2f"),
-            _fmt(r.fwd_bwd_ms, ".2f"),
-        ]
-        cells += [_fmt(r.peak_mib, ".0f"), _fmt(r.fwd_floor_frac, ".0%")]
+        cells = [r.path, str(r.num_rows), str(r.vocab), r.dtype, _fmt(r.fwd_ms, ".1f"), _fmt(r.fwd_bwd_ms, ".1f"),
+                 _fmt(r.time_vs_naive, ".2f"), _fmt(r.peak_mib, ".0f"), _fmt(r.extra_mib, ".0f"),
+                 _fmt(r.extra_vs_naive, ".3f"), _fmt(r.fwd_floor_frac, ".0%")]
         if r.error:
-            cells[4:] = [r.error, "", "", ""]
+            cells[4:] = [r.error] + [""] * 6
         lines.append("| " + " | ".join(cells) + " |")
     return f"Device: {device}\n\n" + "\n".join(lines) + "\n"
 
@@ -223,7 +321,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args._child is not None:
-        print(json.dumps(asdict(measure(Config(**json.loads(args._child)), args.peak_gbps))))
+        print(json.dumps(child_main(json.loads(args._child), args.peak_gbps)))
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     valid = LOGITS_PATHS + HIDDEN_PATHS
@@ -231,22 +329,15 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(paths) - set(valid)
     if unknown:
         raise ValueError(f"unknown --paths {sorted(unknown)}; choose from {valid}")
+    load_before = os.getloadavg()
     results = []
     for vocab in args.vocab:
         for num_rows in args.n:
-            for path in paths:
-                cfg = Config(
-                    path, num_rows, vocab, args.hidden, args.dtype, device, args.warmup, args.repeats
-                )
-                result = (
-                    measure(cfg, args.peak_gbps)
-                    if device == "cuda"
-                    else measure_in_child(cfg, args.peak_gbps)
-                )
-                results.append(result)
-                print(markdown_table([result], device).splitlines()[-1], flush=True)
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+            cfgs = [Config(path, num_rows, vocab, args.hidden, args.dtype, device, args.warmup, args.repeats)
+                    for path in paths]
+            shape_results = measure_shape(cfgs, args.peak_gbps)
+            results += shape_results
+            print("\n".join(markdown_table(shape_results, device).splitlines()[-len(shape_results):]), flush=True)
     slug, date = device_slug(), dt.date.today().isoformat()
     table = markdown_table(results, f"{slug} (torch {torch.__version__}, {platform.machine()})")
     print("\n" + table)
@@ -260,6 +351,10 @@ def main(argv: list[str] | None = None) -> None:
         "peak_gbps": args.peak_gbps,
         "warmup": args.warmup,
         "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "loadavg_1m_before_after": [load_before[0], os.getloadavg()[0]],
+        "memory": "peak = growth of the peak over the inputs in one fwd+bwd (CPU: ru_maxrss, fresh process); "
+        "extra = peak minus the returned gradients (N x V logits grad; hidden paths N x H + V x H)",
     }
     stem.with_suffix(".json").write_text(
         json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2)

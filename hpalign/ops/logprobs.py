@@ -36,36 +36,60 @@ CUDA_BUILD_HINT = (
 )
 
 
+# The torch path's fp32 working set per chunk: small enough to bound memory (a 128k vocabulary gives
+# 130-row chunks), large enough that per-chunk dispatch and thread wake-ups stay negligible. Above
+# MIN_CHUNK_BYTES a chunk is also at most 1/MIN_CHUNKS of the rows, so that the working set stays a
+# small share of the N x V logits when N is small; below it, memory is too small to matter.
+CHUNK_BYTES = 64 * 2**20
+MIN_CHUNK_BYTES = 8 * 2**20
+MIN_CHUNKS = 4
+
+
+def default_chunk_rows(num_rows: int, vocab: int) -> int:
+    """Rows per fp32 block on the torch path (>= 1).
+
+    min(CHUNK_BYTES / 4V, max(ceil(N / MIN_CHUNKS), MIN_CHUNK_BYTES / 4V)): e.g. 130 rows for
+    N = 2048, V = 128256 (64 MiB); 128 rows for N = 512, V = 49152 (24 MiB); all rows for small N x V.
+    """
+    row_bytes = 4 * max(vocab, 1)
+    by_share = max(-(-num_rows // MIN_CHUNKS), MIN_CHUNK_BYTES // row_bytes)
+    return max(1, min(CHUNK_BYTES // row_bytes, by_share))
+
+
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     """logps_N (and entropy_N) from logits_NV, `chunk_rows` rows at a time in fp32.
 
-    Saves only the caller's logits (no copy), labels_N, lse_N and entropy_N. The backward writes
-    grad_NV = g_logp * (onehot - p) - g_ent * p * (x - lse + entropy), p = softmax(x), chunk by
-    chunk in the logits dtype; the fp32 working set is one [chunk_rows, V] block.
+    Saves only the caller's logits (no copy), labels_N and entropy_N. Each chunk is one fused
+    `log_softmax` (forward) or `softmax` (backward) written into a preallocated fp32
+    [chunk_rows, V] buffer, reading bf16/fp16 logits without an upcast copy; the backward then
+    writes grad = g_logp * (onehot - p) - g_ent * p * (log p + entropy) into the gradient with one
+    more pass (for fp32 logits without entropy, softmax writes straight into the gradient, all rows
+    at once, since that needs no buffer at all). Few,
+    large passes per chunk also matter on CPU: every op is an OpenMP region whose threads must all
+    wake, which is what makes many small ops slow on a busy machine.
     """
 
     @staticmethod
     def forward(ctx, logits_NV, labels_N, chunk_rows: int, with_entropy: bool):  # type: ignore[override]
-        num_rows = logits_NV.shape[0]
+        num_rows, vocab = logits_NV.shape
+        chunk_rows = max(1, min(chunk_rows, num_rows))
         valid_N = labels_N != IGNORE_INDEX
         safe_labels_N = torch.where(valid_N, labels_N, 0)
-        lse_N = torch.empty(num_rows, dtype=torch.float32, device=logits_NV.device)
-        target_N = torch.empty_like(lse_N)
-        entropy_N = torch.zeros_like(lse_N)
+        target_N = torch.empty(num_rows, dtype=torch.float32, device=logits_NV.device)
+        entropy_N = torch.zeros_like(target_N)
+        buf_CV = logits_NV.new_empty((chunk_rows, vocab), dtype=torch.float32)
         for start in range(0, num_rows, chunk_rows):
             rows = slice(start, start + chunk_rows)
-            x_CV = logits_NV[rows].float()
-            lse_C = torch.logsumexp(x_CV, dim=-1)
-            lse_N[rows] = lse_C
-            target_N[rows] = x_CV.gather(1, safe_labels_N[rows, None]).squeeze(1)
+            num = min(chunk_rows, num_rows - start)
+            logp_CV = torch.log_softmax(logits_NV[rows], dim=-1, dtype=torch.float32, out=buf_CV[:num])
+            target_N[rows] = logp_CV.gather(1, safe_labels_N[rows, None]).squeeze(1)
             if with_entropy:
                 # -sum p * log p: all terms >= 0, no cancellation (unlike lse - sum p * x).
-                logp_CV = x_CV - lse_C[:, None]
-                entropy_N[rows] = -(logp_CV.exp() * logp_CV).sum(-1)
+                entropy_N[rows] = -logp_CV.exp().mul_(logp_CV).sum(-1)
         zero = torch.zeros((), dtype=torch.float32, device=logits_NV.device)
-        logps_N = torch.where(valid_N, target_N - lse_N, zero)
+        logps_N = torch.where(valid_N, target_N, zero)
         entropy_N = torch.where(valid_N, entropy_N, zero)
-        ctx.save_for_backward(logits_NV, labels_N, lse_N, entropy_N)
+        ctx.save_for_backward(logits_NV, labels_N, entropy_N)
         ctx.chunk_rows = chunk_rows
         ctx.with_entropy = with_entropy
         ctx.set_materialize_grads(False)
@@ -76,39 +100,47 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logps_N, grad_entropy_N):  # type: ignore[override]
-        logits_NV, labels_N, lse_N, entropy_N = ctx.saved_tensors
+        logits_NV, labels_N, entropy_N = ctx.saved_tensors
         if not ctx.with_entropy:
             grad_entropy_N = None
         if grad_logps_N is None and grad_entropy_N is None:
             return None, None, None, None
+        (num_rows, vocab), chunk_rows = logits_NV.shape, ctx.chunk_rows
         valid_N = labels_N != IGNORE_INDEX
         safe_labels_N = torch.where(valid_N, labels_N, 0)
         zero = torch.zeros((), dtype=torch.float32, device=logits_NV.device)
         # Ignored rows get a zero gradient whatever the caller sends for them.
-        g_logp_N = None if grad_logps_N is None else torch.where(valid_N, grad_logps_N.float(), zero)
+        neg_g_N = torch.zeros_like(entropy_N) if grad_logps_N is None else torch.where(valid_N, -grad_logps_N.float(), zero)
         g_ent_N = None if grad_entropy_N is None else torch.where(valid_N, grad_entropy_N.float(), zero)
-        grad_NV = torch.empty_like(logits_NV)
-        for start in range(0, logits_NV.shape[0], ctx.chunk_rows):
-            rows = slice(start, start + ctx.chunk_rows)
-            # bf16/fp16 - fp32 promotes to fp32: no separate upcast copy of the chunk.
-            logp_CV = logits_NV[rows] - lse_N[rows, None]
-            if g_ent_N is None:
-                grad_CV = logp_CV.exp_()  # p, in place
-            else:
-                grad_CV = logp_CV.exp()
-                # dH/dx = -p * (x - E_p[x]) = -p * (log p + H), times the incoming gradient.
-                entropy_term_CV = logp_CV.add_(entropy_N[rows, None]).mul_(grad_CV).mul_(-g_ent_N[rows, None])
-            if g_logp_N is None:
-                grad_CV.zero_()
-            else:  # g * (onehot - p)
-                grad_CV.mul_(-g_logp_N[rows, None]).scatter_add_(1, safe_labels_N[rows, None], g_logp_N[rows, None])
-            if g_ent_N is not None:
-                grad_CV.add_(entropy_term_CV)
-            grad_NV[rows].copy_(grad_CV)  # casts to the logits dtype
+        grad_NV = torch.empty_like(logits_NV, memory_format=torch.contiguous_format)
+        direct = grad_NV.dtype == torch.float32 and g_ent_N is None
+        if direct:  # softmax writes into the gradient itself: no buffer, so no need to chunk
+            chunk_rows = max(num_rows, 1)
+        buf_CV = None if direct else logits_NV.new_empty((chunk_rows, vocab), dtype=torch.float32)
+        ent_CV = None if g_ent_N is None else torch.empty_like(buf_CV)
+        minus_one = torch.full((chunk_rows, 1), -1.0, device=logits_NV.device)
+        for start in range(0, num_rows, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            num = min(chunk_rows, num_rows - start)
+            labels_C1, x_CV = safe_labels_N[rows, None], logits_NV[rows]
+            if ent_CV is None:
+                p_CV = grad_NV[rows] if direct else buf_CV[:num]
+                torch.softmax(x_CV, dim=-1, dtype=torch.float32, out=p_CV)
+                # g * (onehot - p) = -g * (p - onehot); the cast to the logits dtype happens once, last.
+                p_CV.scatter_add_(1, labels_C1, minus_one[:num])
+                torch.mul(p_CV, neg_g_N[rows, None], out=grad_NV[rows])
+                continue
+            # dH/dx = -p * (log p + H), times the incoming gradient.
+            logp_CV = torch.log_softmax(x_CV, dim=-1, dtype=torch.float32, out=ent_CV[:num])
+            p_CV = torch.exp(logp_CV, out=buf_CV[:num])
+            ent_term_CV = logp_CV.add_(entropy_N[rows, None]).mul_(p_CV).mul_(-g_ent_N[rows, None])
+            p_CV.scatter_add_(1, labels_C1, minus_one[:num]).mul_(neg_g_N[rows, None])
+            torch.add(p_CV, ent_term_CV, out=grad_NV[rows])
         return grad_NV, None, None, None
 
 
-def _check_inputs(logits_NV: torch.Tensor, labels_N: torch.Tensor, chunk_rows: int) -> None:
+def _check_inputs(logits_NV: torch.Tensor, labels_N: torch.Tensor, chunk_rows: int | None) -> int:
+    """Validate the arguments; return the torch path's rows per chunk."""
     if logits_NV.dim() != 2 or labels_N.dim() != 1 or labels_N.shape[0] != logits_NV.shape[0]:
         raise ValueError(
             f"expected logits [N, V] and labels [N], got {tuple(logits_NV.shape)} and {tuple(labels_N.shape)}; "
@@ -116,8 +148,11 @@ def _check_inputs(logits_NV: torch.Tensor, labels_N: torch.Tensor, chunk_rows: i
         )
     if labels_N.dtype.is_floating_point:
         raise ValueError(f"labels must be integer token ids, got {labels_N.dtype}")
+    if chunk_rows is None:
+        return default_chunk_rows(logits_NV.shape[0], logits_NV.shape[1])
     if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        raise ValueError(f"chunk_rows must be >= 1 (or None for the default), got {chunk_rows}")
+    return chunk_rows
 
 
 def _cuda_unavailable_reason() -> str | None:
@@ -165,7 +200,7 @@ def select_logprobs_impl(impl: str, logits_NV: torch.Tensor) -> str:
 
 
 def token_logprobs(
-    logits_NV: torch.Tensor, labels_N: torch.Tensor, *, impl: str = "auto", chunk_rows: int = 2048
+    logits_NV: torch.Tensor, labels_N: torch.Tensor, *, impl: str = "auto", chunk_rows: int | None = None
 ) -> torch.Tensor:
     """log softmax(logits_NV)[n, labels_N[n]] per row, without an N x V fp32 buffer.
 
@@ -173,12 +208,14 @@ def token_logprobs(
         logits_NV: [N, V] logits in any float dtype (fp32, bf16, fp16); not modified.
         labels_N: [N] int target ids; -100 = ignored (gives 0 and no gradient).
         impl: "auto" | "cuda" | "torch" (see `select_logprobs_impl`).
-        chunk_rows: rows per fp32 block on the torch path (bounds its working memory).
+        chunk_rows: rows per fp32 block on the torch path; None = `default_chunk_rows` (at most
+            CHUNK_BYTES = 64 MiB of fp32, and at most 1/4 of the rows for large inputs). The torch
+            path's memory beyond the inputs and the returned gradient is one such block.
 
     Returns:
         logps_N: [N] fp32, differentiable w.r.t. `logits_NV`; the gradient has the logits' dtype.
     """
-    _check_inputs(logits_NV, labels_N, chunk_rows)
+    chunk_rows = _check_inputs(logits_NV, labels_N, chunk_rows)
     if select_logprobs_impl(impl, logits_NV) == "cuda":
         from hpalign.ops.cuda_ext import cuda_token_logprobs
 
@@ -188,7 +225,7 @@ def token_logprobs(
 
 
 def token_logprobs_and_entropy(
-    logits_NV: torch.Tensor, labels_N: torch.Tensor, *, impl: str = "auto", chunk_rows: int = 2048
+    logits_NV: torch.Tensor, labels_N: torch.Tensor, *, impl: str = "auto", chunk_rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logps_N, entropy_N): `token_logprobs` plus H[n] = -sum_v p log p of softmax(logits_NV[n]).
 
@@ -196,7 +233,7 @@ def token_logprobs_and_entropy(
     rows, and differentiable. On the torch path the backward is analytic, dH/dx = -p * (x - E_p[x]),
     computed chunk by chunk together with the log-prob gradient (no autograd recompute).
     """
-    _check_inputs(logits_NV, labels_N, chunk_rows)
+    chunk_rows = _check_inputs(logits_NV, labels_N, chunk_rows)
     if select_logprobs_impl(impl, logits_NV) == "cuda":
         from hpalign.ops.cuda_ext import cuda_token_logprobs_with_entropy
 

@@ -301,7 +301,9 @@ def average_metrics(window: list[dict[str, float]]) -> dict[str, float]:
 def save(session: Session, state: TrainState) -> Path:
     trainer_state = {"global_step": state.global_step, "num_steps": session.num_steps,
                      "epoch": state.global_step / session.plan.steps_per_epoch,
-                     "steps_per_epoch": session.plan.steps_per_epoch, "seed": session.cfg.train.seed}
+                     "steps_per_epoch": session.plan.steps_per_epoch, "seed": session.cfg.train.seed,
+                     "rlhf_type": session.cfg.algorithm.rlhf_type, "model": session.cfg.model.model,
+                     "sft_type": session.cfg.tuning.sft_type, "template": session.template.name}
     path = checkpoint.save_checkpoint(
         session.engine, run_dir=session.run_dir, step=state.global_step, tokenizer=session.tokenizer,
         trainer_state=trainer_state, save_total_limit=session.cfg.train.save_total_limit)
