@@ -26,6 +26,7 @@ commands:
   rlhf     train: --rlhf_type dpo|kto|cpo|orpo|simpo|rm|ppo|sft and the `swift rlhf` flags
   sft      supervised fine-tuning (= hpalign rlhf --rlhf_type sft)
   config   --show [flags]: print the resolved configuration as YAML
+  score    --checkpoint DIR --dataset FILE: a reward model's accuracy and mean rewards on pairs
 
 `hpalign <command> --help` lists every flag. Set HPALIGN_DEBUG=1 for tracebacks on errors."""
 
@@ -124,7 +125,15 @@ def cmd_config(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"rlhf": cmd_rlhf, "sft": cmd_sft, "config": cmd_config}
+def cmd_score(argv: list[str]) -> int:
+    """Score preference pairs with a reward-model checkpoint (see `hpalign.score`)."""
+    from hpalign import score  # heavy (torch, transformers): imported only when scoring
+
+    return score.main(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"rlhf": cmd_rlhf, "sft": cmd_sft, "config": cmd_config,
+                                                   "score": cmd_score}
 
 
 def _guarded(name: str, fn: Callable[[], int]) -> int:

@@ -422,3 +422,20 @@ def test_launch_script_and_module_entry_run_from_a_checkout(tmp_path: Path) -> N
                             capture_output=True, text=True, cwd=REPO, timeout=60)
     assert module.returncode == 0, module.stderr
     assert "beta: 2.0" in module.stdout
+
+
+# --- hpalign score (the scoring itself: tests/test_score.py) --------------------------------------
+
+def test_score_command_is_listed_and_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "score" in cli.COMMANDS and "score    --checkpoint DIR" in cli.USAGE
+    assert cli.main(["score", "--help"]) == 0
+    assert "--checkpoint" in capsys.readouterr().out
+
+
+def test_score_command_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["score", "--dataset", "x.jsonl"]) == 2  # --checkpoint is required
+    assert "--checkpoint" in capsys.readouterr().err
+    assert cli.main(["score", "--checkpoint", str(tmp_path / "nope"), "--dataset", "x.jsonl"]) == 2
+    assert "hpalign score: error: checkpoint directory" in capsys.readouterr().err
+    assert cli.main(["score", "--checkpoint", str(tmp_path), "--dataset", "x.jsonl"]) == 2
+    assert "train with --rlhf_type rm" in capsys.readouterr().err

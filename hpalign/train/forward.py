@@ -13,7 +13,7 @@ from hpalign.algorithms import SequenceStats
 from hpalign.data.collate import SequenceBatch
 from hpalign.model import decoder_and_head
 from hpalign.ops.attention import packed_forward_kwargs
-from hpalign.ops.logprobs import hidden_logprobs
+from hpalign.ops.logprobs import hidden_logprobs, token_logprobs
 from hpalign.ops.segments import segment_count, segment_sum
 
 
@@ -23,13 +23,30 @@ def backbone_kwargs(batch: SequenceBatch, *, packed: bool) -> dict:
     return {"attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
 
 
+def _zero3_partitioned(module: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def response_logprobs(hidden_NH: torch.Tensor, head: torch.nn.Module, labels_N: torch.Tensor) -> torch.Tensor:
+    """log p(label) [N] (0 where label == -100), from hidden states, computing logits only for
+    tokens that carry a label. Under ZeRO-3 the LM head's weight exists only inside its own forward
+    hooks, so the chunk-wise activation checkpoint of `hidden_logprobs` (which re-runs the head in
+    backward) cannot be used: there the head runs once on the labelled rows and the chunked
+    `token_logprobs` avoids the fp32 log-softmax copy."""
+    if not _zero3_partitioned(head):
+        return hidden_logprobs(hidden_NH, head, labels_N)
+    keep_N = labels_N != -100
+    logps_K = token_logprobs(head(hidden_NH[keep_N]), labels_N[keep_N])
+    return torch.zeros(labels_N.shape, dtype=logps_K.dtype, device=logps_K.device).masked_scatter(keep_N, logps_K)
+
+
 def sequence_stats(model: torch.nn.Module, batch: SequenceBatch, *, packed: bool) -> SequenceStats:
     """Summed response log-probs and token counts per sequence, shaped [E, R]."""
     decoder, head = decoder_and_head(model)
     outputs = decoder(input_ids=batch.input_ids, use_cache=False, **backbone_kwargs(batch, packed=packed))
     hidden_NH = outputs.last_hidden_state.flatten(0, 1)
     labels_N = batch.labels.flatten()
-    token_logps_N = hidden_logprobs(hidden_NH, head, labels_N)
+    token_logps_N = response_logprobs(hidden_NH, head, labels_N)
     seq_ids_N = batch.seq_index.flatten()
     logps_S = segment_sum(token_logps_N, seq_ids_N, batch.num_sequences)
     counts_S = segment_count(seq_ids_N, labels_N != -100, batch.num_sequences).to(logps_S.dtype)
