@@ -283,7 +283,10 @@ def device_slug() -> str:
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    if value is None:
+        return "-"
+    digits = int(spec.strip(".f%")) + (2 if spec.endswith("%") else 0)
+    return format(round(value, digits) + 0.0, spec)  # + 0.0: no "-0" for a tiny negative
 
 
 def markdown_table(results: list[Result], device: str) -> str:
@@ -353,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
         "loadavg_1m_before_after": [load_before[0], os.getloadavg()[0]],
-        "memory": "peak = growth of the peak over the inputs in one fwd+bwd (CPU: ru_maxrss, fresh process); "
+        "memory": "peak = growth of the peak over the inputs in one fwd+bwd (CPU: VmHWM reset via "
+        "/proc/self/clear_refs, minus VmRSS before, fresh process); "
         "extra = peak minus the returned gradients (N x V logits grad; hidden paths N x H + V x H)",
     }
     stem.with_suffix(".json").write_text(

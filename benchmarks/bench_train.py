@@ -8,8 +8,8 @@ pure function of the seed), so the two settings do the same work on the same rea
 
 Per run it reads `metrics.jsonl`: `train/step_seconds` and `train/tokens_per_second` (real tokens,
 padding excluded) of each step after the first (warm-up), and the child's peak RSS from
-`os.wait4` (that child alone, not the benchmark). Reported per setting (median over timed steps
-of all repeats): real tokens/s, pairs/s (global batch / step seconds), s/step, peak RSS; and the
+`os.wait4` (that child alone, not the benchmark). Reported per setting (totals over the timed
+steps of all repeats, e.g. tokens/s = all real tokens / all step seconds): real tokens/s, pairs/s (global batch / step seconds), s/step, peak RSS; and the
 ratio packing on / off.
 
   python benchmarks/bench_train.py --rlhf_type dpo                         # SmolLM2, both settings
@@ -87,7 +87,8 @@ def write_mixed_length_dataset(path: Path, *, num_rows: int, seed: int) -> dict[
 def train_command(args: argparse.Namespace, dataset: Path, out_dir: Path, run_name: str, packing: bool) -> list[str]:
     return [
         sys.executable, "-m", "hpalign", "rlhf", "--rlhf_type", args.rlhf_type, "--model", MODELS[args.model],
-        "--dataset", str(dataset), "--split_dataset_ratio", "0", "--max_steps", str(args.steps + 1),
+        # A few held-out pairs: the end-of-run evaluation needs some (and is not timed).
+        "--dataset", str(dataset), "--split_dataset_ratio", "0.05", "--max_steps", str(args.steps + 1),
         "--logging_steps", "1", "--eval_before_train", "false", "--num_eval_generations", "0",
         "--eval_steps", "0", "--save_steps", "1000000", "--packing", str(packing).lower(),
         "--batch_size", str(args.batch_size), "--max_length", str(args.max_length),
@@ -99,6 +100,8 @@ def run_once(args: argparse.Namespace, dataset: Path, out_dir: Path, *, packing:
     """One training run in a child process; its own peak RSS via os.wait4."""
     run_name = f"{'packed' if packing else 'padded'}-{repeat}"
     env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     log_path = out_dir / f"{run_name}.log"
     start = time.perf_counter()
     with log_path.open("w") as log:
@@ -120,11 +123,12 @@ def run_once(args: argparse.Namespace, dataset: Path, out_dir: Path, *, packing:
 
 
 def summarise(runs: list[RunResult], *, packing: bool, pairs_per_step: int) -> Summary:
+    """Totals over every timed step of this setting: tokens/s = sum of tokens / sum of seconds."""
     mine = [r for r in runs if r.packing == packing]
     seconds = [s for r in mine for s in r.step_seconds]
-    tokens = [t for r in mine for t in r.tokens_per_second]
-    step_s = statistics.median(seconds)
-    return Summary(packing, statistics.median(tokens), pairs_per_step / step_s, step_s,
+    tokens = sum(t * s for r in mine for t, s in zip(r.tokens_per_second, r.step_seconds, strict=True))
+    total_s = sum(seconds)
+    return Summary(packing, tokens / total_s, pairs_per_step * len(seconds) / total_s, total_s / len(seconds),
                    max(r.peak_rss_mib for r in mine), len(seconds), mine)
 
 
@@ -161,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS of the runs (default: torch's own choice)")
     parser.add_argument("--out_dir", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flags for hpalign rlhf")
     args = parser.parse_args(argv)
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="hpalign-bench-") as tmp:
         tmp_dir = Path(tmp)
-        num_rows = args.batch_size * (args.steps + 1) + 8
+        num_rows = args.batch_size * (args.steps + 1) + 16
         data_stats = write_mixed_length_dataset(tmp_dir / "mixed.jsonl", num_rows=num_rows, seed=args.seed)
         runs = []
         for repeat in range(args.repeats):
@@ -190,14 +196,14 @@ def main(argv: list[str] | None = None) -> None:
     summaries = [summarise(runs, packing=p, pairs_per_step=args.batch_size) for p in settings]
     slug, date = device_slug(), dt.date.today().isoformat()
     header = (f"{args.rlhf_type} on {args.model}, {slug} ({platform.machine()}), batch {args.batch_size} pairs, "
-              f"max_length {args.max_length}, {args.steps} timed steps x {args.repeats} repeat(s) per setting, "
+              f"max_length {args.max_length}, threads {args.threads or 'default'}, {args.steps} timed steps x {args.repeats} repeat(s) per setting, "
               f"load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after")
     table = markdown_table(summaries, header)
     print("\n" + table)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"train_{args.rlhf_type}_{slug}_{date}"
     meta = {"device": slug, "date": date, "model": args.model, "rlhf_type": args.rlhf_type, "steps": args.steps,
-            "repeats": args.repeats, "batch_size": args.batch_size, "max_length": args.max_length,
+            "repeats": args.repeats, "threads": args.threads, "batch_size": args.batch_size, "max_length": args.max_length,
             "extra_flags": args.extra, "dataset": data_stats,
             "loadavg_1m_before_after": [load_before, os.getloadavg()[0]]}
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": [asdict(s) for s in summaries]},

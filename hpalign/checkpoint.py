@@ -83,8 +83,13 @@ def save_checkpoint(engine, *, run_dir: Path, step: int, tokenizer, trainer_stat
 
 def save_model_weights(module, directory: Path, *, state_dict: dict | None, tokenizer) -> None:
     """HF-loadable weights; a reward model also writes `value_head.safetensors` beside them."""
-    from hpalign.model import ValueHead, is_reward_model, save_pretrained_weights, save_value_head
-    from hpalign.model import split_reward_state_dict
+    from hpalign.model import (
+        ValueHead,
+        is_reward_model,
+        save_pretrained_weights,
+        save_value_head,
+        split_reward_state_dict,
+    )
 
     if not is_reward_model(module):
         save_pretrained_weights(module, directory, state_dict=state_dict, tokenizer=tokenizer)

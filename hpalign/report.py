@@ -80,7 +80,7 @@ def plot_training(metrics_path: Path, out_png: Path, *, series: tuple[str, ...] 
     if not present:
         return None
     fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 3.6), squeeze=False)
-    for axis, name in zip(axes[0], present):
+    for axis, name in zip(axes[0], present, strict=False):
         points = [(r["step"], r[name]) for r in records if name in r]
         axis.plot([p[0] for p in points], [p[1] for p in points], marker=".", linewidth=1)
         axis.set_title(name)
@@ -99,6 +99,8 @@ def write_summary(path: Path, summary: dict[str, Any]) -> None:
 def format_eval_table(before: dict[str, float] | None, after: dict[str, float]) -> str:
     """A small before/after table for the terminal."""
     names = sorted(after)
+    if not names:
+        return "no held-out metrics (no held-out data: see --val_dataset / --split_dataset_ratio)"
     width = max(len(n) for n in names) + 2
     lines = [f"{'held-out metric':<{width}}{'before':>10}{'after':>10}"]
     for name in names:

@@ -21,8 +21,7 @@ import torch
 
 from hpalign.data import collate, templates
 from hpalign.data.types import LoadReport, Message, PreferenceExample, SFTExample, TokenizedExample
-from hpalign.model import (ModelSource, RewardModel, load_policy, load_tokenizer, resolve_dtype,
-                           resolve_model)
+from hpalign.model import ModelSource, RewardModel, load_policy, load_tokenizer, resolve_dtype, resolve_model
 from hpalign.models.reward_model import load_reward_model as attach_value_head
 from hpalign.models.value_head import VALUE_HEAD_BIN, VALUE_HEAD_SAFETENSORS
 
@@ -150,7 +149,7 @@ def score_tokenized(reward_model: RewardModel, examples: list[TokenizedExample],
         indices = order[start:start + batch_size]
         batch = collate.pad_batch([examples[i] for i in indices], pad_id=pad_id).to(device)
         rewards_ER = reward_stats(reward_model, batch, packed=False).rewards_ER.cpu()
-        rewards.update(zip(indices, rewards_ER))
+        rewards.update(zip(indices, rewards_ER, strict=True))
     return torch.stack([rewards[i] for i in range(len(examples))])
 
 
@@ -162,7 +161,8 @@ def score(reward_model: RewardModel, tokenizer: Any, template: templates.ChatTem
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if not prompts:
         return torch.zeros(0)
-    examples = [SFTExample(prompt, response, f"item {i}") for i, (prompt, response) in enumerate(zip(prompts, responses))]
+    examples = [SFTExample(prompt, response, f"item {i}")
+                for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True))]
     tokenized = templates.tokenize_examples(examples, template, max_length=max_length, report=LoadReport())
     return score_tokenized(reward_model, tokenized, pad_id=tokenizer.pad_token_id, batch_size=batch_size)[:, 0]
 
@@ -210,7 +210,7 @@ def format_table(checkpoint: str, scores: PairScores) -> str:
 
 def write_scores(path: str | Path, pairs: list[PreferenceExample], scores: PairScores) -> None:
     with open(path, "w", encoding="utf-8") as out:
-        for pair, chosen, rejected in zip(pairs, scores.chosen_N.tolist(), scores.rejected_N.tolist()):
+        for pair, chosen, rejected in zip(pairs, scores.chosen_N.tolist(), scores.rejected_N.tolist(), strict=True):
             record = {"source": pair.source, "chosen_reward": chosen, "rejected_reward": rejected,
                       "margin": chosen - rejected}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -41,3 +41,7 @@ def test_disabled_logger_writes_nothing(tmp_path):
 def test_eval_table_shows_before_and_after():
     table = format_eval_table({"eval/a": 0.5}, {"eval/a": 0.75, "eval/b": 1.0})
     assert "0.5000" in table and "0.7500" in table and "-" in table.splitlines()[2]
+
+
+def test_eval_table_without_heldout_data():
+    assert "no held-out" in format_eval_table(None, {})

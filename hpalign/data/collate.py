@@ -37,6 +37,7 @@ class SequenceBatch:
     kto_labels: torch.Tensor | None  # [E] bool, KTO only
     margins: torch.Tensor | None  # [E] float, when the data has margins (RM)
     num_loss_tokens: int  # (labels != -100).sum()
+    example_ids: torch.Tensor | None = None  # [E] long, indices into the data set, when the caller knows them
 
     def to(self, device: torch.device | str) -> SequenceBatch:
         """A copy with every tensor on `device`."""

@@ -1,8 +1,9 @@
 """Per-token log-probabilities without a full fp32 log-softmax.
 
 `log_softmax(logits.float()).gather(...)` materialises an N x V fp32 tensor and autograd saves it:
-for V = 150k and N = 16k tokens that is 10 GB. The paths here never hold more than one chunk of
-rows in fp32:
+for V = 150k and N = 16k tokens that is 10 GB, and its backward adds two more N x V tensors. The
+paths here never hold more than one chunk of rows in fp32 beyond the gradient they return (the
+torch path's chunk size: `default_chunk_rows`, at most 64 MiB):
 
 - `token_logprobs(logits_NV, labels_N, impl=...)`: from logits the caller already holds. The path
   is `auto | cuda | torch` (`auto` logs its choice the first time); `torch` is the chunked

@@ -114,7 +114,7 @@ def generation_eval(model, tokenizer, prompts: list, encode_prompt: Callable, ta
         outputs = generate_greedy(model, encoded, pad_id=pad_id, stop_ids=stop_ids,
                                   max_new_tokens=max_new_tokens, synced=synced)
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
-        for i, text, weight in zip(indices, texts, weights):
+        for i, text, weight in zip(indices, texts, weights, strict=True):
             totals += torch.tensor([weight, weight * task_metric([prompts[i]], [text])], dtype=torch.float64)
             if weight and len(samples) < 4:
                 samples.append({"prompt": prompts[i][-1]["content"], "generation": text})

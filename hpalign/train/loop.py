@@ -8,6 +8,7 @@ boundary. Metrics stay tensors until one all-reduce per step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -127,7 +128,11 @@ def reduce_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     """One all-reduce for every metric of the step."""
     names = sorted(sums)
     values = distributed.all_reduce_sum(torch.stack([torch.as_tensor(sums[n]).reshape(()) for n in names]))
-    return {f"train/{name}": value for name, value in zip(names, values.tolist())}
+    return {f"train/{name}": value for name, value in zip(names, values.tolist(), strict=True)}
+
+
+def with_example_ids(batch: SequenceBatch, indices: list[int]) -> SequenceBatch:
+    return dataclasses.replace(batch, example_ids=torch.tensor(indices, dtype=torch.long))
 
 
 def run_step(engine, *, algorithm: Algorithm, cfg: Config, plan: BatchPlan, step: int,
@@ -136,7 +141,8 @@ def run_step(engine, *, algorithm: Algorithm, cfg: Config, plan: BatchPlan, step
     start = time.perf_counter()
     counts = step_counts(examples, all_step_indices(plan, step, seed=cfg.train.seed))
     index_lists = micro_batches_for_step(plan, step, seed=cfg.train.seed, rank=distributed.rank())
-    micro_batches = [collate([examples[i] for i in indices]) for indices in index_lists]
+    micro_batches = [with_example_ids(collate([examples[i] for i in indices]), indices)
+                     for indices in index_lists]
     if algorithm.estimates_kl:
         mismatched = kl_examples(examples, plan, step, seed=cfg.train.seed, rank=distributed.rank(),
                                  max_length=cfg.data.max_length)

@@ -18,17 +18,25 @@ import torch
 from tqdm.auto import tqdm
 
 from hpalign import checkpoint, report
-from hpalign.algorithms import Algorithm, get_algorithm
+from hpalign.algorithms import Algorithm, SequenceStats, get_algorithm
 from hpalign.config import Config, save_config
 from hpalign.data import builtin, collate, templates
-from hpalign.model import (RewardModel, apply_lora, frozen_copy, load_policy, load_tokenizer, resolve_dtype,
-                           uses_adapter_reference)
+from hpalign.model import (
+    RewardModel,
+    apply_lora,
+    frozen_copy,
+    load_policy,
+    load_tokenizer,
+    resolve_dtype,
+    uses_adapter_reference,
+)
 from hpalign.ops.attention import enable_varlen_attention
-from hpalign.train import distributed, engine as engine_lib
+from hpalign.train import distributed
+from hpalign.train import engine as engine_lib
 from hpalign.train.datasets import PreparedData, prepare_data
 from hpalign.train.evaluate import generation_eval, label_eval, preference_eval
-from hpalign.train.forward import reward_stats, sequence_stats
-from hpalign.train.loop import TrainState, run_step
+from hpalign.train.forward import response_token_counts, reward_stats, sequence_stats
+from hpalign.train.loop import TrainState, run_step, with_example_ids
 from hpalign.train.schedule import BatchPlan, total_steps
 
 logger = logging.getLogger("hpalign")
@@ -51,6 +59,8 @@ class Session:
     num_steps: int
     # The reference never changes: its held-out stats are computed at the first evaluation only.
     val_reference_cache: dict = field(default_factory=dict)
+    # --precompute_ref_log_probs: the reference's [E, R] log-probs of every training example
+    reference_table: torch.Tensor | None = None
 
 
 def setup_logging(run_dir: Path | None) -> None:
@@ -112,7 +122,7 @@ def make_collate(*, pad_id: int, packed: bool, max_tokens: int):
 def make_batcher(examples: list, *, pad_id: int, packed: bool, max_tokens: int):
     """Example indices -> SequenceBatch."""
     collate_examples = make_collate(pad_id=pad_id, packed=packed, max_tokens=max_tokens)
-    return lambda indices: collate_examples([examples[i] for i in indices])
+    return lambda indices: with_example_ids(collate_examples([examples[i] for i in indices]), indices)
 
 
 def report_kto_balance(examples: list, cfg: Config) -> None:
@@ -188,6 +198,9 @@ def stats_functions(session: Session):
     @torch.no_grad()
     def reference_stats(batch):
         batch = batch.to(session.engine.device)
+        if session.reference_table is not None and batch.example_ids is not None:
+            logps_ER = session.reference_table[batch.example_ids.cpu()].to(batch.input_ids.device)
+            return SequenceStats(logps_ER=logps_ER, num_tokens_ER=response_token_counts(batch))
         if session.reference is not None:
             return sequence_stats(session.reference, batch, packed=session.packed)
         assert uses_adapter_reference(module)
@@ -195,6 +208,36 @@ def stats_functions(session: Session):
             return sequence_stats(module, batch, packed=session.packed)
 
     return policy_stats, reference_stats
+
+
+def precompute_reference(session: Session) -> None:
+    """--precompute_ref_log_probs: one reference pass over the training data, cached on disk under
+    $HPALIGN_CACHE/reference_logps keyed by model, data and template, so later epochs and reruns
+    skip the reference forward. KTO's mismatched KL pairs change every step and stay live."""
+    from hpalign.model import cache_root
+    from hpalign.train import reference_cache
+
+    cfg = session.cfg
+    _, reference_stats = stats_functions(session)
+    reference_model = session.reference if session.reference is not None else session.engine.module
+    key = reference_cache.reference_cache_key(
+        model_spec=str(cfg.model.ref_model or cfg.model.model),
+        model_fingerprint=reference_cache.model_fingerprint(reference_model),
+        template_name=session.template.name, examples=session.data.train, max_length=cfg.data.max_length)
+    path = cache_root() / "reference_logps" / f"{key[:32]}.safetensors"
+    table = reference_cache.load_reference_cache(path, key)
+    if table is None:
+        make_batch = make_batcher(session.data.train, pad_id=session.tokenizer.pad_token_id,
+                                  packed=session.packed, max_tokens=cfg.data.max_tokens_per_batch)
+        table = reference_cache.precompute_reference_logps(
+            reference_stats, make_batch, len(session.data.train), batch_size=max(cfg.train.batch_size, 8),
+            show_progress=distributed.is_main())
+        if distributed.is_main():
+            reference_cache.save_reference_cache(path, table, key)
+        logger.info("reference log-probs of %d examples computed and cached in %s", len(table), path)
+    else:
+        logger.info("reference log-probs loaded from %s", path)
+    session.reference_table = table
 
 
 def evaluate(session: Session, *, generate: bool = True) -> tuple[dict[str, float], list[dict[str, str]]]:
@@ -337,6 +380,8 @@ def run(cfg: Config) -> int:
     session = build_session(cfg)
     state = TrainState()
     resume(session, state)
+    if cfg.algorithm.precompute_ref_log_probs and session.algorithm.needs_reference:
+        precompute_reference(session)
     metrics_logger = report.MetricsLogger(session.run_dir, report_to=cfg.train.report_to,
                                           config=cfg.to_dict(), enabled=distributed.is_main(),
                                           run_name=session.run_dir.name)

@@ -204,3 +204,28 @@ def test_hidden_logprobs_without_grad_and_bf16():
     want = reference(head(hidden).float(), labels)[0]
     torch.testing.assert_close(logps.double(), want, atol=1e-5, rtol=1e-5)
     assert logps.dtype == torch.float32
+
+
+def test_default_chunk_rows_follows_the_byte_budget():
+    assert lp.default_chunk_rows(2048, 128256) == lp.CHUNK_BYTES // (4 * 128256)  # 130 rows, 64 MiB
+    assert lp.default_chunk_rows(512, 49152) == 128  # a quarter of the rows: 24 MiB of 96
+    assert lp.default_chunk_rows(64, 1000) >= 64  # small inputs: one chunk
+    assert lp.default_chunk_rows(0, 10) >= 1 and lp.default_chunk_rows(10**6, 10**7) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_chunking_matches_reference(monkeypatch, dtype):
+    """chunk_rows=None with a tiny byte budget: many chunks and a ragged last one, still exact."""
+    monkeypatch.setattr(lp, "CHUNK_BYTES", 7 * 259 * 4)
+    monkeypatch.setattr(lp, "MIN_CHUNK_BYTES", 0)
+    assert lp.default_chunk_rows(130, 259) == 7
+    logits, labels = make_inputs(130, 259, dtype, seed=5)
+    grad_out = torch.randn(130, generator=torch.Generator().manual_seed(6))
+    logps, entropy = token_logprobs_and_entropy(logits, labels)
+    (grad,) = torch.autograd.grad(token_logprobs(logits, labels), logits, grad_out)
+    ref_logits = logits.detach().double().requires_grad_()
+    ref_logps, ref_entropy = reference(ref_logits, labels)
+    (ref_grad,) = torch.autograd.grad(ref_logps, ref_logits, grad_out.double())
+    torch.testing.assert_close(logps.double(), ref_logps.detach(), **TOLS[dtype])
+    torch.testing.assert_close(entropy.double(), ref_entropy.detach(), **TOLS[dtype])
+    torch.testing.assert_close(grad.double(), ref_grad, **TOLS[dtype])

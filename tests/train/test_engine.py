@@ -10,7 +10,7 @@ def test_warmup_then_cosine_to_zero():
     values = [warmup_cosine(s, num_warmup_steps=2, num_training_steps=10) for s in range(10)]
     assert values[0] == pytest.approx(1 / 3) and values[1] == pytest.approx(2 / 3)
     assert values[2] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(values[2:], values[3:]))
+    assert all(a >= b for a, b in zip(values[2:], values[3:], strict=False))
     assert warmup_cosine(10, num_warmup_steps=2, num_training_steps=10) == pytest.approx(0.0)
 
 

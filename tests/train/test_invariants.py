@@ -20,7 +20,7 @@ def _losses(run_dir):
 
 def _assert_close(a, b, tol):
     assert len(a) == len(b)
-    for (loss_a, grad_a), (loss_b, grad_b) in zip(a, b):
+    for (loss_a, grad_a), (loss_b, grad_b) in zip(a, b, strict=True):
         assert loss_a == pytest.approx(loss_b, abs=tol, rel=tol), (a, b)
         assert grad_a == pytest.approx(grad_b, abs=tol, rel=tol), (a, b)
 
@@ -58,3 +58,16 @@ def test_two_rank_zero3_matches_single_process(tmp_path, preset):
     run_cli([*flags, "--run_name", "ranks", "--batch_size", "2", "--deepspeed", preset],
             launcher=["deepspeed", "--num_gpus", "2", "--master_port", "29731"], timeout=600)
     _assert_close(_losses(tmp_path / "single"), _losses(tmp_path / "ranks"), 1e-4)
+
+
+def test_precomputed_reference_equals_live_reference(tmp_path, monkeypatch):
+    monkeypatch.setenv("HPALIGN_CACHE", str(tmp_path / "cache"))
+    flags = [*COMMON, "--output_dir", str(tmp_path), "--max_steps", "3", "--batch_size", "2"]
+    run_cli([*flags, "--run_name", "live"])
+    run_cli([*flags, "--run_name", "cached", "--precompute_ref_log_probs", "true"])
+    assert list((tmp_path / "cache" / "reference_logps").glob("*.safetensors"))
+    _assert_close(_losses(tmp_path / "live"), _losses(tmp_path / "cached"), 1e-5)
+    # a rerun loads the cache instead of recomputing
+    result = run_cli([*flags, "--run_name", "again", "--precompute_ref_log_probs", "true"])
+    assert "reference log-probs loaded" in result.stderr
+    _assert_close(_losses(tmp_path / "live"), _losses(tmp_path / "again"), 1e-5)
