@@ -21,7 +21,7 @@ import torch
 
 from hpalign.data import collate, templates
 from hpalign.data.types import LoadReport, Message, PreferenceExample, SFTExample, TokenizedExample
-from hpalign.model import ModelSource, RewardModel, load_policy, load_tokenizer, resolve_dtype, resolve_model
+from hpalign.model import ModelSource, RewardModel, load_policy, load_tokenizer, resolve_dtype
 from hpalign.models.reward_model import load_reward_model as attach_value_head
 from hpalign.models.value_head import VALUE_HEAD_BIN, VALUE_HEAD_SAFETENSORS
 
@@ -66,7 +66,8 @@ def _check_checkpoint_dir(directory: Path) -> None:
                          "run_dir/checkpoint-<step> folder of a reward-model run.")
     if not any((directory / name).is_file() for name in (VALUE_HEAD_SAFETENSORS, VALUE_HEAD_BIN)):
         nested = sorted(p.name for p in directory.glob("checkpoint-*") if p.is_dir())
-        hint = f" It looks like a run directory: pass one of its checkpoints ({', '.join(nested)})." if nested else ""
+        hint = (f" It looks like a run directory: pass one of its checkpoints ({', '.join(nested)})."
+                if nested else "")
         raise ValueError(f"{directory} is not a reward-model checkpoint (no {VALUE_HEAD_SAFETENSORS}): "
                          f"train with --rlhf_type rm.{hint}")
 
@@ -76,10 +77,17 @@ def _trainer_state(directory: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _has_full_weights(directory: Path) -> bool:
+    return (directory / FULL_WEIGHTS_FILE).is_file() and (directory / "config.json").is_file()
+
+
 def _base_spec(directory: Path, model: Any, state: dict[str, Any]) -> str | None:
+    """The base `--model`: given, else recorded in trainer_state.json; a full checkpoint is its own."""
     if model is not FROM_TRAINER_STATE:
         return model
     if "model" not in state:
+        if _has_full_weights(directory):
+            return str(directory)
         raise ValueError(f"{directory} has no {STATE_FILE} naming the base model: pass --model "
                          "(the --model the reward model was trained from).")
     return state["model"]
@@ -87,7 +95,7 @@ def _base_spec(directory: Path, model: Any, state: dict[str, Any]) -> str | None
 
 def _load_lm(directory: Path, spec: str | None, dtype: torch.dtype) -> torch.nn.Module:
     """The trained LM: full weights from `directory`, or the base model plus the saved LoRA adapter."""
-    if (directory / FULL_WEIGHTS_FILE).is_file() and (directory / "config.json").is_file():
+    if _has_full_weights(directory):
         return load_policy(ModelSource(kind="directory", name=str(directory), path=directory), dtype=dtype)
     if not (directory / ADAPTER_FILE).is_file():
         raise ValueError(f"{directory} holds neither a LoRA adapter ({ADAPTER_FILE}) nor full weights "
@@ -106,7 +114,7 @@ def _load_checkpoint_tokenizer(directory: Path, spec: str | None):
     """The tokenizer saved with the checkpoint (what training used), else the base model's."""
     if (directory / "tokenizer_config.json").is_file():
         return load_tokenizer(ModelSource(kind="directory", name=str(directory), path=directory))
-    return load_tokenizer(resolve_model(spec))
+    return load_tokenizer(spec)
 
 
 def load_reward_model(checkpoint_dir: str | Path, *, model: str | None = FROM_TRAINER_STATE,
@@ -210,7 +218,8 @@ def format_table(checkpoint: str, scores: PairScores) -> str:
 
 def write_scores(path: str | Path, pairs: list[PreferenceExample], scores: PairScores) -> None:
     with open(path, "w", encoding="utf-8") as out:
-        for pair, chosen, rejected in zip(pairs, scores.chosen_N.tolist(), scores.rejected_N.tolist(), strict=True):
+        rewards = zip(pairs, scores.chosen_N.tolist(), scores.rejected_N.tolist(), strict=True)
+        for pair, chosen, rejected in rewards:
             record = {"source": pair.source, "chosen_reward": chosen, "rejected_reward": rejected,
                       "margin": chosen - rejected}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -221,7 +230,8 @@ def main(argv: Sequence[str]) -> int:
     from hpalign.data.formats import load_examples
 
     args = build_parser().parse_args(list(argv))
-    reward_model, tokenizer, template = load_reward_model(args.checkpoint, model=args.model, dtype=args.torch_dtype)
+    reward_model, tokenizer, template = load_reward_model(args.checkpoint, model=args.model,
+                                                          dtype=args.torch_dtype)
     pairs = load_examples(args.dataset, kind="pair")
     scores = score_pairs(reward_model, tokenizer, template, pairs, batch_size=args.batch_size,
                          max_length=args.max_length)

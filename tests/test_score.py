@@ -44,8 +44,10 @@ def save_reward_checkpoint(directory: Path, *, lora: bool, state: dict | None = 
             lm.model.norm.weight.mul_(1.5)  # differs from the rebuilt base, so the full weights must be read
     reward_model = hm.RewardModel.with_new_head(lm, seed=3)
     perturb(reward_model)
-    save_model_weights(reward_model, directory, state_dict=None, tokenizer=hm.load_tokenizer("tiny-random-llama"))
-    state = {"model": "tiny-random-llama", "rlhf_type": "rm", "template": "tokenizer"} if state is None else state
+    tokenizer = hm.load_tokenizer("tiny-random-llama")
+    save_model_weights(reward_model, directory, state_dict=None, tokenizer=tokenizer)
+    if state is None:
+        state = {"model": "tiny-random-llama", "rlhf_type": "rm", "template": "tokenizer"}
     (directory / "trainer_state.json").write_text(json.dumps(state))
     return reward_model.eval()
 
@@ -84,7 +86,8 @@ def test_saved_reward_model_scores_like_the_module(tmp_path, test_pairs, lora):
     reward_model, tokenizer, template = load_reward_model(tmp_path)
     assert not reward_model.training and template.name == "tokenizer"
     assert not any(p.requires_grad for p in reward_model.parameters())
-    scores = score_pairs(reward_model, tokenizer, template, test_pairs[:12], batch_size=5, max_length=MAX_LENGTH)
+    scores = score_pairs(reward_model, tokenizer, template, test_pairs[:12], batch_size=5,
+                         max_length=MAX_LENGTH)
     expected = reference_rewards(saved, test_pairs[:12], packed=False)
     torch.testing.assert_close(scores.chosen_N, expected[:, 0], atol=1e-5, rtol=0)
     torch.testing.assert_close(scores.rejected_N, expected[:, 1], atol=1e-5, rtol=0)
@@ -147,6 +150,15 @@ def test_base_model_needed_without_trainer_state(tmp_path):
     assert hm.is_peft_model(reward_model.lm)
 
 
+def test_full_checkpoint_is_its_own_base_model(tmp_path, test_pairs):
+    saved = save_reward_checkpoint(tmp_path, lora=False, state={})
+    reward_model, tokenizer, template = load_reward_model(tmp_path)
+    assert not hm.is_peft_model(reward_model.lm)
+    scores = score_pairs(reward_model, tokenizer, template, test_pairs[:4], max_length=MAX_LENGTH)
+    torch.testing.assert_close(scores.chosen_N, reference_rewards(saved, test_pairs[:4], packed=False)[:, 0],
+                               atol=1e-5, rtol=0)
+
+
 def test_missing_base_model_and_incomplete_checkpoint(tmp_path):
     save_reward_checkpoint(tmp_path, lora=True)
     with pytest.raises(ValueError, match="cannot rebuild the base model.*--model"):
@@ -175,8 +187,8 @@ def trained_rm(tmp_path_factory) -> Path:
     compared exactly with eval-mode scoring (reported; without dropout both modes compute the same).
     """
     output = tmp_path_factory.mktemp("rm")
-    run_cli(["--rlhf_type", "rm", *TINY_FLAGS, "--max_steps", "20", "--batch_size", "4", "--learning_rate", "2e-3",
-             "--lora_dropout", "0", "--output_dir", str(output), "--run_name", "rm"])
+    run_cli(["--rlhf_type", "rm", *TINY_FLAGS, "--max_steps", "20", "--batch_size", "4",
+             "--learning_rate", "2e-3", "--lora_dropout", "0", "--output_dir", str(output), "--run_name", "rm"])
     return output / "rm"
 
 
@@ -206,8 +218,8 @@ def test_trained_rm_round_trips_and_ranks_heldout_pairs(trained_rm, test_pairs):
 
 @pytest.mark.slow
 def test_trained_rm_cli_prints_accuracy(trained_rm, capsys):
-    code = cli.main(["score", "--checkpoint", str(trained_rm / "checkpoint-20"), "--dataset", "builtin-emoji:test",
-                     "--max_length", str(MAX_LENGTH)])
+    code = cli.main(["score", "--checkpoint", str(trained_rm / "checkpoint-20"),
+                     "--dataset", "builtin-emoji:test", "--max_length", str(MAX_LENGTH)])
     assert code == 0
     table = dict(line.rsplit(None, 1) for line in capsys.readouterr().out.splitlines())
     assert table["pairs"] == "64"

@@ -64,15 +64,16 @@ def preference_eval(policy_stats_fn: Callable, reference_stats_fn: Callable | No
 
 @torch.no_grad()
 def label_eval(policy_stats_fn: Callable, reference_stats_fn: Callable, make_batch: Callable, num_items: int,
-               *, batch_size: int, beta: float) -> dict[str, float]:
-    """KTO data: share of held-out examples whose implicit reward beta*log(pi/ref) has the sign of
-    their label (positive for desirable, negative for undesirable; 0 counts one half)."""
+               *, batch_size: int, beta: float, kl_reference_point: float) -> dict[str, float]:
+    """KTO data: share of held-out examples on the right side of KTO's own boundary: the log-ratio
+    log(pi/ref) above the KL reference point z0 for desirable examples, below it for undesirable
+    ones (equal counts one half). z0 is estimated on mismatched held-out pairs, as in training."""
     totals = torch.zeros(2, dtype=torch.float64)
     for indices, weights in shard_for_rank(num_items, batch_size=batch_size):
         batch = make_batch(indices)
         policy, reference = policy_stats_fn(batch), reference_stats_fn(batch)
-        reward_B = implicit_rewards_ER(policy, reference, beta=beta, length_normalised=False)[:, 0].double().cpu()
-        signed_B = torch.where(policy.labels_E.cpu(), reward_B, -reward_B)
+        ratio_B = (policy.logps_ER - reference.logps_ER)[:, 0].double().cpu() - kl_reference_point
+        signed_B = torch.where(policy.labels_E.cpu(), ratio_B, -ratio_B)
         weight_B = torch.tensor(weights, dtype=torch.float64)
         correct_B = (signed_B > 0).double() + 0.5 * (signed_B == 0).double()
         totals += torch.stack([weight_B.sum(), (weight_B * correct_B).sum()])

@@ -5,6 +5,7 @@ set up -> data -> models -> engine -> (resume) -> evaluate before -> train -> ev
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -36,7 +37,7 @@ from hpalign.train import engine as engine_lib
 from hpalign.train.datasets import PreparedData, prepare_data
 from hpalign.train.evaluate import generation_eval, label_eval, preference_eval
 from hpalign.train.forward import response_token_counts, reward_stats, sequence_stats
-from hpalign.train.loop import TrainState, run_step, with_example_ids
+from hpalign.train.loop import TrainState, kl_reference_point, run_step, with_example_ids
 from hpalign.train.schedule import BatchPlan, total_steps
 
 logger = logging.getLogger("hpalign")
@@ -241,12 +242,16 @@ def precompute_reference(session: Session) -> None:
 
 
 def evaluate(session: Session, *, generate: bool = True) -> tuple[dict[str, float], list[dict[str, str]]]:
-    """Held-out metrics; the generation task metric only when `generate` (before and after training)."""
+    """Held-out metrics (dropout off); the generation task metric only when `generate`."""
+    module = session.engine.module
+    was_training = module.training
+    module.eval()
     metrics = preference_metrics(session)
     samples: list[dict[str, str]] = []
     if generate and session.algorithm.generates:
         generated, samples = generation_metrics(session)
         metrics.update(generated)
+    module.train(was_training)
     return metrics, samples
 
 
@@ -263,11 +268,23 @@ def preference_metrics(session: Session) -> dict[str, float]:
         metrics.update(preference_eval(
             policy_stats, reference_stats, make_batch, len(data.val_pairs), batch_size=batch_size, beta=beta,
             length_normalised=cfg.algorithm.rlhf_type in ("simpo", "orpo")))
-    if session.algorithm.data_kind == "kto" and data.val:
+    if session.algorithm.data_kind == "kto" and len(data.val) >= 2:
         make_batch = make_batcher(data.val, pad_id=pad_id, packed=session.packed, max_tokens=budget)
+        mismatched = mismatched_heldout(data.val, max_length=cfg.data.max_length)
+        collate_examples = make_collate(pad_id=pad_id, packed=session.packed, max_tokens=budget)
+        kl_batches = [collate_examples(mismatched[i:i + batch_size]) for i in range(0, len(mismatched), batch_size)]
+        z0 = kl_reference_point(kl_batches, policy_stats, reference_stats)
         metrics.update(label_eval(policy_stats, reference_stats, make_batch, len(data.val),
-                                  batch_size=batch_size, beta=beta))
+                                  batch_size=batch_size, beta=beta, kl_reference_point=z0))
+        metrics["eval/kto/kl"] = z0
     return metrics
+
+
+def mismatched_heldout(examples: list, *, max_length: int) -> list:
+    """Held-out (prompt_i, completion_{i+1}) pairs for the held-out KL reference point."""
+    shifted = examples[1:] + examples[:1]
+    return [dataclasses.replace(own, responses=[other.responses[0][: max(1, max_length - len(own.prompt_ids))]])
+            for own, other in zip(examples, shifted, strict=True)]
 
 
 def generation_metrics(session: Session) -> tuple[dict[str, float], list[dict[str, str]]]:
