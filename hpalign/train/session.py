@@ -1,0 +1,213 @@
+"""Everything a run is built from, once: run directory and logging, data, models, the DeepSpeed engine,
+and the per-sequence statistics functions of the policy and the reference."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from hpalign.algorithms import Algorithm, SequenceStats, get_algorithm
+from hpalign.config import Config, save_config
+from hpalign.data import collate, templates
+from hpalign.model import (
+    RewardModel,
+    apply_lora,
+    frozen_copy,
+    load_policy,
+    load_tokenizer,
+    resolve_dtype,
+    uses_adapter_reference,
+)
+from hpalign.ops.attention import enable_varlen_attention
+from hpalign.train import distributed
+from hpalign.train import engine as engine_lib
+from hpalign.train.datasets import PreparedData, prepare_data
+from hpalign.train.forward import response_token_counts, reward_stats, sequence_stats
+from hpalign.train.loop import with_example_ids
+from hpalign.train.schedule import BatchPlan, total_steps
+
+logger = logging.getLogger("hpalign")
+
+
+@dataclass
+class Session:
+    """What the loop needs, built once."""
+
+    cfg: Config
+    algorithm: Algorithm
+    run_dir: Path
+    tokenizer: object
+    template: templates.ChatTemplate
+    data: PreparedData
+    engine: object
+    reference: torch.nn.Module | None  # None: adapter-disabled policy, or no reference needed
+    packed: bool
+    plan: BatchPlan
+    num_steps: int
+    # The reference never changes: its held-out stats are computed at the first evaluation only.
+    val_reference_cache: dict = field(default_factory=dict)
+    # --precompute_ref_log_probs: the reference's [E, R] log-probs of every training example
+    reference_table: torch.Tensor | None = None
+
+
+def setup_logging(run_dir: Path | None) -> None:
+    level = logging.INFO if distributed.is_main() else logging.WARNING
+    logger.setLevel(level)
+    logger.propagate = False
+    if not logger.handlers:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("[hpalign %(asctime)s] %(message)s", "%H:%M:%S"))
+        logger.addHandler(console)
+    if run_dir is not None and distributed.is_main():
+        file_handler = logging.FileHandler(run_dir / "train.log")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(file_handler)
+
+
+def make_run_dir(cfg: Config) -> Path:
+    if cfg.train.resume_from_checkpoint and cfg.train.resume_from_checkpoint != "latest":
+        return Path(cfg.train.resume_from_checkpoint).resolve().parent
+    name = cfg.train.run_name or f"{cfg.algorithm.rlhf_type}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = distributed.broadcast_object(name)
+    run_dir = Path(cfg.train.output_dir) / name
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    return run_dir
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_models(cfg: Config, algorithm: Algorithm, dtype: torch.dtype):
+    """(policy, frozen reference or None). With LoRA the reference is the policy with the adapter
+    off, so no second copy exists; full fine-tuning keeps a frozen copy of the starting weights."""
+    policy = load_policy(cfg.model.model, dtype=dtype, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    reference = None
+    if algorithm.needs_reference and (cfg.tuning.sft_type == "full" or cfg.model.ref_model):
+        source = load_policy(cfg.model.ref_model, dtype=dtype) if cfg.model.ref_model else policy
+        reference = frozen_copy(source)
+    if cfg.tuning.sft_type == "lora":
+        policy = apply_lora(policy, targets=cfg.tuning.lora_target_modules, rank=cfg.tuning.lora_rank,
+                            alpha=cfg.tuning.lora_alpha, dropout=cfg.tuning.lora_dropout)
+    if algorithm.forward == "reward":
+        policy = RewardModel.with_new_head(policy, seed=cfg.train.seed)
+    return policy, reference
+
+
+def make_collate(*, pad_id: int, packed: bool, max_tokens: int):
+    """Examples -> SequenceBatch: packed rows under the token budget, or one padded row per sequence."""
+    def collate_examples(examples: list) -> collate.SequenceBatch:
+        if packed:
+            return collate.pack_batch(examples, pad_id=pad_id, max_tokens_per_row=max_tokens)
+        return collate.pad_batch(examples, pad_id=pad_id)
+    return collate_examples
+
+
+def make_batcher(examples: list, *, pad_id: int, packed: bool, max_tokens: int):
+    """Example indices -> SequenceBatch."""
+    collate_examples = make_collate(pad_id=pad_id, packed=packed, max_tokens=max_tokens)
+    return lambda indices: with_example_ids(collate_examples([examples[i] for i in indices]), indices)
+
+
+def report_kto_balance(examples: list, cfg: Config) -> None:
+    """Print n_D, n_U and lambda_D*n_D / (lambda_U*n_U); warn outside the authors' advised [1, 4/3]."""
+    from hpalign.losses import kto_weight_ratio, suggest_kto_weights
+
+    num_desirable = sum(1 for example in examples if example.label)
+    num_undesirable = len(examples) - num_desirable
+    algo = cfg.algorithm
+    if not num_desirable or not num_undesirable:
+        logger.warning("KTO data has %d desirable and %d undesirable examples: both kinds are needed for "
+                       "KTO to contrast them", num_desirable, num_undesirable)
+        return
+    ratio = kto_weight_ratio(num_desirable, num_undesirable, algo.desirable_weight, algo.undesirable_weight)
+    logger.info("KTO: n_D=%d, n_U=%d, lambda_D*n_D/(lambda_U*n_U)=%.3f", num_desirable, num_undesirable, ratio)
+    if not 1.0 <= ratio <= 4 / 3 + 1e-9:
+        suggested = suggest_kto_weights(num_desirable, num_undesirable, desirable_weight=algo.desirable_weight,
+                                        undesirable_weight=algo.undesirable_weight)
+        logger.warning("KTO: the ratio %.3f is outside [1, 4/3] advised by the authors; try "
+                       "--desirable_weight %.3g --undesirable_weight %.3g", ratio, *suggested)
+
+
+def build_session(cfg: Config) -> Session:
+    algorithm = get_algorithm(cfg.algorithm.rlhf_type)
+    run_dir = make_run_dir(cfg)
+    setup_logging(run_dir)
+    if distributed.is_main():
+        save_config(cfg, run_dir / "config.yaml")
+    logger.info("run directory: %s", run_dir)
+    tokenizer = load_tokenizer(cfg.model.model)
+    template = templates.resolve_template(tokenizer, cfg.model.template, cfg.model.model_type)
+    data = prepare_data(cfg, algorithm.data_kind, template)
+    if algorithm.data_kind == "kto":
+        report_kto_balance(data.train, cfg)
+    dtype = resolve_dtype(cfg.model.torch_dtype)
+    policy, reference = build_models(cfg, algorithm, dtype)
+    packed = cfg.data.packing
+    if packed:
+        logger.info("packing on: attention backend %s", enable_varlen_attention(getattr(policy, "lm", policy)))
+        if reference is not None:
+            enable_varlen_attention(reference)
+    plan = BatchPlan(len(data.train), cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
+                     distributed.world_size())
+    num_steps = total_steps(plan, num_train_epochs=cfg.train.num_train_epochs, max_steps=cfg.train.max_steps)
+    if plan.num_wrapped_per_epoch:
+        logger.info("data: %d examples do not fill the last global batch of %d; it wraps around and "
+                    "repeats %d examples of the epoch", len(data.train), plan.global_batch,
+                    plan.num_wrapped_per_epoch)
+    ds_config = engine_lib.deepspeed_config(
+        cfg.train.deepspeed, micro_batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        max_grad_norm=cfg.train.max_grad_norm, dtype=dtype)
+    engine, _, _ = engine_lib.build_engine(
+        policy, ds_config=ds_config, learning_rate=cfg.train.learning_rate,
+        weight_decay=cfg.train.weight_decay, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+        num_training_steps=num_steps, warmup_ratio=cfg.train.warmup_ratio)
+    if reference is not None:
+        reference = engine_lib.build_frozen_engine(reference, ds_config=ds_config)
+    return Session(cfg, algorithm, run_dir, tokenizer, template, data, engine, reference, packed, plan, num_steps)
+
+
+def stats_functions(session: Session):
+    """(policy_stats, reference_stats or None) closures over the session's models."""
+    module = session.engine.module
+    forward = reward_stats if session.algorithm.forward == "reward" else sequence_stats
+
+    def policy_stats(batch):
+        return forward(module, batch.to(session.engine.device), packed=session.packed)
+
+    if not session.algorithm.needs_reference:
+        return policy_stats, None
+
+    @torch.no_grad()
+    def reference_stats(batch):
+        batch = batch.to(session.engine.device)
+        if session.reference_table is not None and batch.example_ids is not None:
+            logps_ER = session.reference_table[batch.example_ids.cpu()].to(batch.input_ids.device)
+            return SequenceStats(logps_ER=logps_ER, num_tokens_ER=response_token_counts(batch))
+        if session.reference is not None:
+            return sequence_stats(session.reference, batch, packed=session.packed)
+        assert uses_adapter_reference(module)
+        with module.disable_adapter():
+            return sequence_stats(module, batch, packed=session.packed)
+
+    return policy_stats, reference_stats
+
+
+def configure_threads(cfg: Config) -> None:
+    if torch.cuda.is_available():
+        return
+    threads = cfg.train.num_threads or max(1, (os.cpu_count() or 1) // distributed.world_size())
+    torch.set_num_threads(threads)
+
+
