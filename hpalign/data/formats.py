@@ -8,14 +8,13 @@ prompt, a list of chat messages ending with the last user turn (system message f
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
+from hpalign.data.readers import read_rows, type_name
 from hpalign.data.types import DataFormatError, KTOExample, LoadReport, Message, PreferenceExample, SFTExample
 
 PAIR_FORMATS = (
@@ -39,124 +38,10 @@ SFT_FORMATS = (
 )
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
-CSV_LIST_COLUMNS = ("prompt", "chosen", "rejected", "messages", "history", "completion")
-
 Row = dict[str, Any]
 
 
-# ----------------------------------------------------------------------------- reading files
-
-
-def read_rows(path: str) -> Iterator[tuple[str, Row | DataFormatError]]:
-    """Yield (source, row) for each row of one local file or folder; a row that cannot even be
-    parsed (bad JSON line) is yielded as its `DataFormatError` so the caller may skip it."""
-    if not os.path.exists(path):
-        raise ValueError(
-            f"dataset '{path}' not found: no such local file or folder. hpalign does not fetch hub ids; "
-            "download the data set and pass a local .jsonl/.json/.parquet/.csv file or a "
-            "datasets.save_to_disk folder (or pass 'builtin-emoji').")
-    if os.path.isdir(path):
-        yield from _read_saved_dataset(path)
-        return
-    suffix = path.lower().rsplit(".", 1)[-1]
-    if suffix in ("jsonl", "ndjson"):
-        yield from _read_jsonl(path)
-    elif suffix == "json":
-        yield from _read_json(path)
-    elif suffix == "parquet":
-        import pyarrow.parquet as pq
-
-        yield from _indexed(path, pq.read_table(path).to_pylist())
-    elif suffix in ("csv", "tsv"):
-        yield from _read_csv(path, delimiter="\t" if suffix == "tsv" else ",")
-    else:
-        raise ValueError(f"{path}: unsupported file type '.{suffix}'; use .jsonl, .json, .parquet, .csv, "
-                         ".tsv or a datasets.save_to_disk folder.")
-
-
-def _indexed(path: str, rows: list[Any]) -> Iterator[tuple[str, Row | DataFormatError]]:
-    for index, row in enumerate(rows):
-        source = f"{path}:row {index}"
-        yield source, row if isinstance(row, dict) else DataFormatError(
-            source, None, f"row is a {_type_name(row)}, expected an object with named columns")
-
-
-def _read_jsonl(path: str) -> Iterator[tuple[str, Row | DataFormatError]]:
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            source = f"{path}:{line_no}"
-            yield source, _parse_json_line(line, source)
-
-
-def _parse_json_line(line: str, source: str) -> Row | DataFormatError:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        start = line.strip()[:60]
-        return DataFormatError(source, None, f"invalid JSON ({err.msg}, column {err.colno}); line starts {start!r}")
-    if not isinstance(row, dict):
-        return DataFormatError(source, None, f"line is a JSON {_type_name(row)}, expected an object")
-    return row
-
-
-def _read_json(path: str) -> Iterator[tuple[str, Row | DataFormatError]]:
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        if err.msg == "Extra data":  # a JSON-lines file named .json
-            yield from _read_jsonl(path)
-            return
-        raise DataFormatError(f"{path}:{err.lineno}", None,
-                              f"invalid JSON ({err.msg}, column {err.colno})") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataFormatError(path, None, "a .json data file must hold a list of objects or {\"data\": [...]}; "
-                              f"found a {_type_name(data)}")
-    yield from _indexed(path, data)
-
-
-def _read_csv(path: str, *, delimiter: str) -> Iterator[tuple[str, Row | DataFormatError]]:
-    """CSV cells are strings: empty cells count as missing, JSON lists (history, messages) are decoded."""
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        for index, raw in enumerate(csv.DictReader(handle, delimiter=delimiter)):
-            row = {key: value for key, value in raw.items() if key is not None and value not in ("", None)}
-            for key in CSV_LIST_COLUMNS:
-                value = row.get(key)
-                if isinstance(value, str) and value.lstrip().startswith("["):
-                    try:
-                        decoded = json.loads(value)
-                    except json.JSONDecodeError:
-                        continue
-                    if isinstance(decoded, list) and all(isinstance(item, (dict, list)) for item in decoded):
-                        row[key] = decoded
-            yield f"{path}:row {index}", row
-
-
-def _read_saved_dataset(path: str) -> Iterator[tuple[str, Row | DataFormatError]]:
-    import datasets
-
-    try:
-        dataset = datasets.load_from_disk(path)
-    except FileNotFoundError as err:
-        raise ValueError(f"{path}: a folder must be a datasets.save_to_disk folder ({err})") from None
-    if isinstance(dataset, datasets.DatasetDict):
-        splits = list(dataset)
-        if "train" not in splits and len(splits) != 1:
-            raise ValueError(f"{path}: DatasetDict with splits {splits} and no 'train'; save one split.")
-        dataset = dataset["train" if "train" in splits else splits[0]]
-    yield from _indexed(path, dataset.to_list())
-
-
 # ----------------------------------------------------------------------------- fields
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean"}.get(type(value), type(value).__name__)
 
 
 def _has(row: Row, name: str) -> bool:
@@ -172,19 +57,19 @@ def _missing(row: Row, field_name: str, source: str, formats: tuple[str, ...]) -
 def to_messages(value: Any, source: str, field_name: str) -> list[Message]:
     """A list of {"role", "content"} dicts (also sharegpt {"from", "value"}), roles normalised."""
     if not isinstance(value, list):
-        raise DataFormatError(source, field_name, f"expected a list of chat messages, got a {_type_name(value)}")
+        raise DataFormatError(source, field_name, f"expected a list of chat messages, got a {type_name(value)}")
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):
             raise DataFormatError(source, field_name,
-                                  f"message {i} is a {_type_name(message)}, expected {{'role': ..., 'content': ...}}")
+                                  f"message {i} is a {type_name(message)}, expected {{'role': ..., 'content': ...}}")
         role = ROLES.get(str(message.get("role", message.get("from"))).lower())
         content = message.get("content", message.get("value"))
         if role is None:
             raise DataFormatError(source, field_name, f"message {i} has role {message.get('role')!r}; "
                                   "expected system, user or assistant")
         if not isinstance(content, str):
-            raise DataFormatError(source, field_name, f"message {i} content is a {_type_name(content)}, expected a string")
+            raise DataFormatError(source, field_name, f"message {i} content is a {type_name(content)}, expected a string")
         messages.append({"role": role, "content": content})
     return messages
 
@@ -193,7 +78,7 @@ def _history(value: Any, source: str) -> list[Message]:
     if isinstance(value, list) and all(isinstance(turn, dict) for turn in value):
         return to_messages(value, source, "history")
     if not isinstance(value, list):
-        raise DataFormatError(source, "history", f"expected a list of [query, response] pairs, got a {_type_name(value)}")
+        raise DataFormatError(source, "history", f"expected a list of [query, response] pairs, got a {type_name(value)}")
     messages: list[Message] = []
     for i, turn in enumerate(value):
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
@@ -219,12 +104,12 @@ def build_prompt(row: Row, field_name: str, source: str) -> list[Message]:
     elif isinstance(value, list):
         turns = to_messages(value, source, field_name)
     else:
-        raise DataFormatError(source, field_name, f"expected a string or chat messages, got a {_type_name(value)}")
+        raise DataFormatError(source, field_name, f"expected a string or chat messages, got a {type_name(value)}")
     history = _history(row["history"], source) if _has(row, "history") else []
     messages = history + turns
     if _has(row, "system") and not (messages and messages[0]["role"] == "system"):
         if not isinstance(row["system"], str):
-            raise DataFormatError(source, "system", f"expected a string, got a {_type_name(row['system'])}")
+            raise DataFormatError(source, "system", f"expected a string, got a {type_name(row['system'])}")
         messages = [{"role": "system", "content": row["system"]}] + messages
     return _check_prompt(messages, source, field_name)
 
@@ -244,7 +129,7 @@ def response_text(value: Any, prompt: list[Message], source: str, field_name: st
         value = messages[0]["content"]
     if not isinstance(value, str):
         raise DataFormatError(source, field_name,
-                              f"expected a string or assistant messages, got a {_type_name(value)} ({value!r:.40})")
+                              f"expected a string or assistant messages, got a {type_name(value)} ({value!r:.40})")
     if not value.strip():
         raise DataFormatError(source, field_name, "the response is empty")
     return value
