@@ -35,31 +35,37 @@ def implicit_rewards_ER(policy: SequenceStats, reference: SequenceStats | None, 
 
 
 @torch.no_grad()
+def win_share(margin_B: torch.Tensor) -> torch.Tensor:
+    """1 where the margin is positive, 1/2 on a tie, 0 otherwise."""
+    return (margin_B > 0).double() + 0.5 * (margin_B == 0).double()
+
+
 def preference_eval(policy_stats_fn: Callable, reference_stats_fn: Callable | None, make_batch: Callable,
                     num_items: int, *, batch_size: int, beta: float, length_normalised: bool) -> dict[str, float]:
-    """Share of held-out pairs whose chosen answer gets the higher implicit reward (ties count 1/2),
-    the mean reward margin, and the share where the policy's own log-prob prefers the chosen answer."""
+    """Share of held-out pairs whose chosen answer gets the higher reward (implicit, or a reward
+    model's; ties count 1/2), the mean reward margin, and for generative policies the share where
+    the policy's own log-prob prefers the chosen answer."""
     totals = torch.zeros(4, dtype=torch.float64)  # weight, reward-accuracy, margin, logp-accuracy
+    scored_by_head = False
     for indices, weights in shard_for_rank(num_items, batch_size=batch_size):
         batch = make_batch(indices)
         policy = policy_stats_fn(batch)
         reference = reference_stats_fn(batch) if reference_stats_fn else None
-        rewards_ER = policy.rewards_ER if policy.rewards_ER is not None else implicit_rewards_ER(
+        scored_by_head = policy.rewards_ER is not None
+        rewards_ER = policy.rewards_ER if scored_by_head else implicit_rewards_ER(
             policy, reference, beta=beta, length_normalised=length_normalised)
         margin_B = (rewards_ER[:, 0] - rewards_ER[:, 1]).double().cpu()
         logp_margin_B = (policy.logps_ER[:, 0] - policy.logps_ER[:, 1]).double().cpu()
         weight_B = torch.tensor(weights, dtype=torch.float64)
-        totals += torch.stack([
-            weight_B.sum(),
-            (weight_B * ((margin_B > 0).double() + 0.5 * (margin_B == 0).double())).sum(),
-            (weight_B * margin_B).sum(),
-            (weight_B * ((logp_margin_B > 0).double() + 0.5 * (logp_margin_B == 0).double())).sum(),
-        ])
+        totals += torch.stack([weight_B.sum(), (weight_B * win_share(margin_B)).sum(),
+                               (weight_B * margin_B).sum(), (weight_B * win_share(logp_margin_B)).sum()])
     totals = distributed.all_reduce_sum(totals)
     count = max(totals[0].item(), 1.0)
-    return {"eval/rewards/accuracies": totals[1].item() / count,
-            "eval/rewards/margins": totals[2].item() / count,
-            "eval/logps/accuracies": totals[3].item() / count}
+    metrics = {"eval/rewards/accuracies": totals[1].item() / count,
+               "eval/rewards/margins": totals[2].item() / count}
+    if not scored_by_head:  # a reward model has no log-probs of its own
+        metrics["eval/logps/accuracies"] = totals[3].item() / count
+    return metrics
 
 
 @torch.no_grad()
@@ -75,8 +81,7 @@ def label_eval(policy_stats_fn: Callable, reference_stats_fn: Callable, make_bat
         ratio_B = (policy.logps_ER - reference.logps_ER)[:, 0].double().cpu() - kl_reference_point
         signed_B = torch.where(policy.labels_E.cpu(), ratio_B, -ratio_B)
         weight_B = torch.tensor(weights, dtype=torch.float64)
-        correct_B = (signed_B > 0).double() + 0.5 * (signed_B == 0).double()
-        totals += torch.stack([weight_B.sum(), (weight_B * correct_B).sum()])
+        totals += torch.stack([weight_B.sum(), (weight_B * win_share(signed_B)).sum()])
     totals = distributed.all_reduce_sum(totals)
     return {"eval/kto/label_accuracy": totals[1].item() / max(totals[0].item(), 1.0)}
 

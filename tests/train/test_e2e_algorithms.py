@@ -243,3 +243,18 @@ def test_rm_two_rank_zero3_writes_a_loadable_value_head(tmp_path):
     initial = RewardModel.with_new_head(load_policy("tiny-random-llama", dtype="float32"), seed=seed).value_head
     # the trained head, gathered from its ZeRO-3 partitions, not the initial one
     assert not torch.allclose(reward_model.value_head.summary.weight, initial.summary.weight)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("algorithm", "port"), [("cpo", 29861), ("orpo", 29867), ("simpo", 29873),
+                                                  ("sft", 29879)])
+def test_two_rank_zero3_matches_single_process(tmp_path, algorithm, port):
+    """`deepspeed --num_gpus 2 launch/train.py` with ZeRO-3: each algorithm's step losses and gradient
+    norms equal the single process's on the same global batch (and DPO: tests/train/test_invariants.py)."""
+    launcher = _launcher(port)
+    flags = ["--rlhf_type", algorithm, *COMMON, *DISTRIBUTED, "--output_dir", str(tmp_path)]
+    run_cli([*flags, "--run_name", "single"])
+    run_cli([*flags, "--run_name", "ranks", "--batch_size", "2", "--deepspeed", "zero3"], launcher=launcher,
+            timeout=600)
+    _assert_same_steps(tmp_path / "single", tmp_path / "ranks")
+    assert losses_of(tmp_path / "ranks")[-1] < losses_of(tmp_path / "ranks")[0]
