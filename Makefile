@@ -12,11 +12,12 @@ setup:
 demo: setup
 	$(PYTHON) -m hpalign rlhf --rlhf_type dpo --output_dir output --run_name quickstart-dpo
 
-test: setup
+test: setup lint
 	$(PYTHON) -m pytest -q -ra
 
 test-fast: setup
 	$(PYTHON) -m pytest -q -m "not slow and not distributed"
 
 lint:
+	@echo "[lint] ruff"
 	$(PYTHON) -m ruff check hpalign launch tests benchmarks
