@@ -70,7 +70,7 @@ def preference_eval(policy_stats_fn: Callable, reference_stats_fn: Callable | No
 
 @torch.no_grad()
 def label_eval(policy_stats_fn: Callable, reference_stats_fn: Callable, make_batch: Callable, num_items: int,
-               *, batch_size: int, beta: float, kl_reference_point: float) -> dict[str, float]:
+               *, batch_size: int, kl_reference_point: float) -> dict[str, float]:
     """KTO data: share of held-out examples on the right side of KTO's own boundary: the log-ratio
     log(pi/ref) above the KL reference point z0 for desirable examples, below it for undesirable
     ones (equal counts one half). z0 is estimated on mismatched held-out pairs, as in training."""

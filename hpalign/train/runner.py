@@ -96,7 +96,7 @@ def preference_metrics(session: Session) -> dict[str, float]:
         kl_batches = [collate_examples(mismatched[i:i + batch_size]) for i in range(0, len(mismatched), batch_size)]
         z0 = kl_reference_point(kl_batches, policy_stats, reference_stats)
         metrics.update(label_eval(policy_stats, reference_stats, make_batch, len(data.val),
-                                  batch_size=batch_size, beta=beta, kl_reference_point=z0))
+                                  batch_size=batch_size, kl_reference_point=z0))
         metrics["eval/kto/kl"] = z0
     return metrics
 
