@@ -40,6 +40,7 @@ def win_share(margin_B: torch.Tensor) -> torch.Tensor:
     return (margin_B > 0).double() + 0.5 * (margin_B == 0).double()
 
 
+@torch.no_grad()
 def preference_eval(policy_stats_fn: Callable, reference_stats_fn: Callable | None, make_batch: Callable,
                     num_items: int, *, batch_size: int, beta: float, length_normalised: bool) -> dict[str, float]:
     """Share of held-out pairs whose chosen answer gets the higher reward (implicit, or a reward

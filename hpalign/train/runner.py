@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from hpalign import checkpoint, report
@@ -67,11 +68,14 @@ def evaluate(session: Session, *, generate: bool = True) -> tuple[dict[str, floa
     module = session.engine.module
     was_training = module.training
     module.eval()
-    metrics = preference_metrics(session)
-    samples: list[dict[str, str]] = []
-    if generate and session.algorithm.generates:
-        generated, samples = generation_metrics(session)
-        metrics.update(generated)
+    # No autograd here: a metric accumulated from a grad-tracking tensor keeps every batch's graph
+    # alive until the end of the evaluation (measured: 16 GB instead of 1 GB for KTO on SmolLM2).
+    with torch.no_grad():
+        metrics = preference_metrics(session)
+        samples: list[dict[str, str]] = []
+        if generate and session.algorithm.generates:
+            generated, samples = generation_metrics(session)
+            metrics.update(generated)
     module.train(was_training)
     return metrics, samples
 
