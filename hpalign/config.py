@@ -66,9 +66,15 @@ class DataConfig:
                                                     "examples lose prompt tokens from the left (counted)."})
     skip_bad_rows: bool = field(default=False, metadata={"help": "Skip malformed rows (counted and listed) "
                                                          "instead of stopping with an error."})
-    packing: bool = field(default=True, metadata={"help": "Pack sequences into token-budget rows."})
+    packing: bool = field(default=True, metadata={"help": "Pack sequences back to back into rows: no padding is "
+                                                  "computed, attention stays within each sequence."})
     max_tokens_per_batch: int | None = field(
-        default=None, metadata={"help": "Token budget per packed row (default: max_length)."})
+        default=None, metadata={"help": "Token budget per packed row (default: none, each micro-batch is one row "
+                                "with no padding; a budget splits it into padded rows)."})
+    share_prompt: bool = field(
+        default=True, metadata={"help": "With packing, lay each pair's prompt out once: the rejected answer "
+                                "attends to the prompt before the chosen one instead of repeating it. Exact "
+                                "(same log-probs); saves the prompt's compute once per pair."})
     num_eval_generations: int = field(
         default=32, metadata={"help": "Held-out prompts generated greedily for the task metric."})
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per held-out prompt."})
@@ -197,15 +203,13 @@ def resolve_defaults(cfg: Config) -> Config:
     """Return a copy of `cfg` with every `None` meaning "the algorithm's default" filled in.
 
     beta per rlhf_type (`DEFAULT_BETA`), learning_rate per sft_type (`DEFAULT_LEARNING_RATE`),
-    max_tokens_per_batch = max_length. Idempotent; fields the user set are kept.
+    gradient checkpointing on with CUDA. Idempotent; fields the user set are kept.
     """
     out = copy.deepcopy(cfg)
     if out.algorithm.beta is None:
         out.algorithm.beta = DEFAULT_BETA.get(out.algorithm.rlhf_type)
     if out.train.learning_rate is None:
         out.train.learning_rate = DEFAULT_LEARNING_RATE.get(out.tuning.sft_type)
-    if out.data.max_tokens_per_batch is None:
-        out.data.max_tokens_per_batch = out.data.max_length
     if out.train.gradient_checkpointing is None:
         out.train.gradient_checkpointing = _has_cuda()
     return out
@@ -255,7 +259,7 @@ def _data_errors(d: DataConfig) -> list[str]:
     _at_least(errors, "max_length", d.max_length, 16)
     if d.max_tokens_per_batch is not None and d.max_tokens_per_batch < d.max_length:
         errors.append(f"--max_tokens_per_batch {d.max_tokens_per_batch} is below --max_length {d.max_length}: "
-                      "a full-length example would not fit; raise it or leave it unset (= max_length).")
+                      "a full-length example would not fit; raise it or leave it unset (one row per micro-batch).")
     _at_least(errors, "num_eval_generations", d.num_eval_generations, 0)
     _at_least(errors, "max_new_tokens", d.max_new_tokens, 1)
     return errors

@@ -341,7 +341,7 @@ def test_rlhf_runs_training_with_resolved_config(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("NPROC_PER_NODE", raising=False)
     assert cli.main(["rlhf", "--rlhf_type", "simpo", "--sft_type", "full"]) == 0
     (cfg,) = received
-    assert cfg.algorithm.beta == 2.0 and cfg.train.learning_rate == 1e-5 and cfg.data.max_tokens_per_batch == 1024
+    assert cfg.algorithm.beta == 2.0 and cfg.train.learning_rate == 1e-5 and cfg.data.max_tokens_per_batch is None
 
 
 def test_training_exit_code_is_returned(monkeypatch: pytest.MonkeyPatch) -> None:

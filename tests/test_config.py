@@ -52,7 +52,7 @@ def test_learning_rate_default_per_sft_type(sft_type: str, lr: float) -> None:
 
 
 def test_max_tokens_per_batch_defaults_to_max_length() -> None:
-    assert resolve_defaults(make(max_length=300)).data.max_tokens_per_batch == 300
+    assert resolve_defaults(make(max_length=300)).data.max_tokens_per_batch is None  # one row per micro-batch
     assert resolve_defaults(make(max_length=300, max_tokens_per_batch=4096)).data.max_tokens_per_batch == 4096
 
 

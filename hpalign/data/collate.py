@@ -6,6 +6,15 @@ example e, so per-sequence sums reshape to [E, num_responses]. Labels are shifte
 `labels[r, t]` is the token at t + 1 when that token is a response token of the same sequence,
 else -100; prompt tokens, the last token of each sequence and padding carry no loss, and no
 token predicts across a sequence boundary.
+
+Shared prompts (`pack_batch(..., share_prompt=True)`): an example with several responses lays its
+prompt out once. Sequence 0 is prompt + response 0 as usual; every further response k is a
+*branch* [last prompt token, response k] whose positions continue from the prompt (P - 1, P, ...)
+and whose attention also covers the first P - 1 prompt tokens of sequence 0 (`context_seq`,
+`context_len`, read by `hpalign.ops.attention.packed_forward_kwargs`). Every token then sees exactly
+the tokens and positions it would see unshared, so log-probs are unchanged, while the prompt's
+P - 1 tokens are computed once instead of once per response (a pair with a 200-token prompt and two
+100-token answers: 401 tokens instead of 600).
 """
 
 from __future__ import annotations
@@ -38,6 +47,10 @@ class SequenceBatch:
     margins: torch.Tensor | None  # [E] float, when the data has margins (RM)
     num_loss_tokens: int  # (labels != -100).sum()
     example_ids: torch.Tensor | None = None  # [E] long, indices into the data set, when the caller knows them
+    # Shared prompts only (else None): sequence s also attends to the first context_len[s] tokens of
+    # sequence context_seq[s] (-1 / 0 when it has no such context); see the module docstring.
+    context_seq: torch.Tensor | None = None  # [S] long
+    context_len: torch.Tensor | None = None  # [S] long
 
     def to(self, device: torch.device | str) -> SequenceBatch:
         """A copy with every tensor on `device`."""
@@ -71,16 +84,36 @@ def _example_tensors(examples: list[TokenizedExample]) -> tuple[torch.Tensor | N
     return kto_labels, margins
 
 
-def _sequences(examples: list[TokenizedExample]) -> list[tuple[list[int], int]]:
-    """(token ids, prompt length) of every sequence in example-major order."""
-    return [(ex.prompt_ids + response, len(ex.prompt_ids)) for ex in examples for response in ex.responses]
+@dataclass(frozen=True)
+class _Sequence:
+    """One sequence as laid out in a row."""
+
+    ids: list[int]
+    loss_start: int  # index of the first id that is a response token (the first with a loss)
+    first_position: int = 0  # position id of ids[0]
+    context_seq: int = -1  # the sequence whose first `context_len` tokens this one also attends to
+    context_len: int = 0
 
 
-def _assemble(examples: list[TokenizedExample], rows: list[list[int]], *, pad_id: int) -> SequenceBatch:
+def _sequences(examples: list[TokenizedExample], *, share_prompt: bool = False) -> list[_Sequence]:
+    """Every sequence in example-major order (see the module docstring for shared prompts)."""
+    out = []
+    for e, ex in enumerate(examples):
+        prompt_len, first = len(ex.prompt_ids), e * len(ex.responses)
+        for k, response in enumerate(ex.responses):
+            if k == 0 or not share_prompt or prompt_len == 0:
+                out.append(_Sequence(ex.prompt_ids + response, prompt_len))
+            else:  # the last prompt token is repeated: its output predicts this response's first token
+                out.append(_Sequence([ex.prompt_ids[-1], *response], 1, prompt_len - 1, first, prompt_len - 1))
+    return out
+
+
+def _assemble(examples: list[TokenizedExample], rows: list[list[int]], *, pad_id: int,
+              share_prompt: bool = False) -> SequenceBatch:
     """Lay the sequences listed per row (sequence ids, in row order) into right-padded tensors."""
     num_responses = _num_responses(examples)
-    sequences = _sequences(examples)
-    width = max(sum(len(sequences[s][0]) for s in row) for row in rows)
+    sequences = _sequences(examples, share_prompt=share_prompt)
+    width = max(sum(len(sequences[s].ids) for s in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -89,22 +122,27 @@ def _assemble(examples: list[TokenizedExample], rows: list[list[int]], *, pad_id
     for r, row in enumerate(rows):
         start = 0
         for s in row:
-            ids, prompt_len = sequences[s]
-            end = start + len(ids)
-            input_ids[r, start:end] = torch.tensor(ids)
-            position_ids[r, start:end] = torch.arange(len(ids))
-            labels[r, start:end] = torch.tensor(sequence_labels(ids, prompt_len))
+            seq = sequences[s]
+            end = start + len(seq.ids)
+            input_ids[r, start:end] = torch.tensor(seq.ids)
+            position_ids[r, start:end] = torch.arange(seq.first_position, seq.first_position + len(seq.ids))
+            labels[r, start:end] = torch.tensor(sequence_labels(seq.ids, seq.loss_start))
             seq_index[r, start:end] = s
-            lengths_in_order.append(len(ids))
+            lengths_in_order.append(len(seq.ids))
             start = end
     cu_seqlens = torch.zeros(len(sequences) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.cumsum(torch.tensor(lengths_in_order), 0)
     kto_labels, margins = _example_tensors(examples)
+    context_seq = context_len = None
+    if any(seq.context_len for seq in sequences):
+        context_seq = torch.tensor([seq.context_seq for seq in sequences], dtype=torch.long)
+        context_len = torch.tensor([seq.context_len for seq in sequences], dtype=torch.long)
     return SequenceBatch(
         input_ids=input_ids, position_ids=position_ids, labels=labels, seq_index=seq_index,
         attention_mask=(seq_index >= 0).long(), cu_seqlens=cu_seqlens, max_seqlen=max(lengths_in_order),
         num_sequences=len(sequences), num_examples=len(examples), num_responses=num_responses,
         kto_labels=kto_labels, margins=margins, num_loss_tokens=int((labels != IGNORE_INDEX).sum()),
+        context_seq=context_seq, context_len=context_len,
     )
 
 
@@ -114,9 +152,13 @@ def pad_batch(examples: list[TokenizedExample], *, pad_id: int) -> SequenceBatch
     return _assemble(examples, [[s] for s in range(len(examples) * num_responses)], pad_id=pad_id)
 
 
-def example_lengths(examples: list[TokenizedExample]) -> list[int]:
-    """Tokens an example takes in a packed row: sum over responses of len(prompt) + len(response)."""
-    return [sum(len(ex.prompt_ids) + len(r) for r in ex.responses) for ex in examples]
+def example_lengths(examples: list[TokenizedExample], *, share_prompt: bool = False) -> list[int]:
+    """Tokens an example takes in a packed row: sum over responses of len(prompt) + len(response),
+    or with a shared prompt len(prompt) + len(response 0) + sum over the others of 1 + len(response)."""
+    sequences = _sequences(examples, share_prompt=share_prompt)
+    per_example = len(sequences) // len(examples) if examples else 0
+    return [sum(len(seq.ids) for seq in sequences[e * per_example:(e + 1) * per_example])
+            for e in range(len(examples))]
 
 
 def plan_rows(lengths: list[int], *, max_tokens_per_row: int) -> list[list[int]]:
@@ -142,16 +184,20 @@ def plan_rows(lengths: list[int], *, max_tokens_per_row: int) -> list[list[int]]
     return [sorted(row) for row in rows]
 
 
-def pack_batch(examples: list[TokenizedExample], *, pad_id: int, max_tokens_per_row: int) -> SequenceBatch:
-    """Pack whole examples into rows of at most `max_tokens_per_row` tokens (`plan_rows`), padding
-    rows at the end to the longest row. All responses of an example stay together, in order, in
-    one row; an example over the budget gets a row of its own. Sequence ids keep example-major
-    order as given (packing moves tokens, not ids), so `cu_seqlens`, which follows the row-major
-    order of real tokens, need not list sequences in id order: use `seq_index` to map tokens."""
+def pack_batch(examples: list[TokenizedExample], *, pad_id: int, max_tokens_per_row: int | None = None,
+               share_prompt: bool = False) -> SequenceBatch:
+    """Pack whole examples into rows of at most `max_tokens_per_row` tokens (`plan_rows`; None: all
+    in one row, no padding at all), padding rows at the end to the longest row. All responses of an
+    example stay together, in order, in one row; an example over the budget gets a row of its own.
+    `share_prompt` lays each multi-response example's prompt out once (module docstring). Sequence
+    ids keep example-major order as given (packing moves tokens, not ids), so `cu_seqlens`, which
+    follows the row-major order of real tokens, need not list sequences in id order: use
+    `seq_index` to map tokens."""
     num_responses = _num_responses(examples)
-    plan = plan_rows(example_lengths(examples), max_tokens_per_row=max_tokens_per_row)
+    lengths = example_lengths(examples, share_prompt=share_prompt)
+    plan = plan_rows(lengths, max_tokens_per_row=max_tokens_per_row or sum(lengths))
     rows = [[e * num_responses + k for e in row for k in range(num_responses)] for row in plan]
-    return _assemble(examples, rows, pad_id=pad_id)
+    return _assemble(examples, rows, pad_id=pad_id, share_prompt=share_prompt)
 
 
 def plan_micro_batches(lengths: list[int], *, batch_size: int, max_tokens: int | None = None) -> list[list[int]]:

@@ -41,17 +41,36 @@ BACKEND_IMPLS = {"sdpa_per_sequence": SDPA_IMPL, "flash_varlen": FLASH_IMPL}
 SEGMENTS_KWARG = "hpalign_segments"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PackedSegments:
-    """Slice bounds of a packed batch, computed once per forward on the host.
+    """How the R*L flattened positions of a packed batch split into attention segments; computed
+    once per forward on the host.
 
     bounds: one (row, start, end, is_real) per segment in row-major order; start/end are columns
         of that row, the segments tile every row exactly, `is_real` is False for padding runs.
     row_len: L, the row length.
+    prefix_lengths: per segment, how many context tokens its queries attend to before its own: the
+        first tokens of another segment of the same row. Non-zero only for the branches of a shared
+        prompt (`hpalign.data.collate`, share_prompt): a rejected answer attends to the prompt that
+        was laid out once, before the chosen answer. Empty tuple = no prefixes at all.
+    key_index: when some segment has a prefix, [sum of key lengths] long: the flat positions of
+        every segment's keys (its prefix, then itself), in segment order; else None.
     """
 
     bounds: tuple[tuple[int, int, int, bool], ...]
     row_len: int
+    prefix_lengths: tuple[int, ...] = ()
+    key_index: torch.Tensor | None = None
+
+    @property
+    def query_lengths(self) -> list[int]:
+        return [end - start for _, start, end, _ in self.bounds]
+
+    @property
+    def key_lengths(self) -> list[int]:
+        if not self.prefix_lengths:
+            return self.query_lengths
+        return [n + p for n, p in zip(self.query_lengths, self.prefix_lengths, strict=True)]
 
 
 def _field(batch_like: Any, name: str) -> Any:
@@ -70,9 +89,36 @@ def _runs(seq_index_RL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return starts, ends
 
 
+def _run_prefixes(batch_like: Any, run_ids: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
+                  row_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prefix length, flat start of the prefix) per run, from the batch's optional `context_seq` /
+    `context_len` [S] (sequence s also attends to the first context_len[s] tokens of sequence
+    context_seq[s]); zeros when the batch has none. ValueError when a context is not in the same row
+    or is longer than the sequence it is taken from."""
+    lengths = torch.zeros_like(starts)
+    prefix_starts = torch.zeros_like(starts)
+    context_seq, context_len = _field(batch_like, "context_seq"), _field(batch_like, "context_len")
+    if context_seq is None or context_len is None:
+        return lengths, prefix_starts
+    context_seq, context_len = context_seq.detach().cpu().long(), context_len.detach().cpu().long()
+    run_of = {int(sid): run for run, sid in enumerate(run_ids.tolist()) if sid >= 0}
+    for run, sid in enumerate(run_ids.tolist()):
+        if sid < 0 or context_len[sid] <= 0:
+            continue
+        source = run_of.get(int(context_seq[sid]))
+        if source is None or starts[source] // row_len != starts[run] // row_len:
+            raise ValueError(f"sequence {sid} attends to a context in sequence {int(context_seq[sid])}, "
+                             "which is not in the same packed row")
+        if context_len[sid] > ends[source] - starts[source]:
+            raise ValueError(f"sequence {sid} has a context of {int(context_len[sid])} tokens but its source "
+                             f"sequence {int(context_seq[sid])} has only {int(ends[source] - starts[source])}")
+        lengths[run], prefix_starts[run] = context_len[sid], starts[source]
+    return lengths, prefix_starts
+
+
 def _check_packing(
     seq_index_RL: torch.Tensor, position_ids_RL: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
+    prefix_lengths: torch.Tensor, cu_seqlens: torch.Tensor | None,
 ) -> None:
     """ValueError unless seq_index, position_ids and cu_seqlens describe the same packing."""
     flat_ids = seq_index_RL.flatten()
@@ -81,18 +127,32 @@ def _check_packing(
     if real_ids.unique().numel() != real_ids.numel():
         raise ValueError("a sequence id appears in two separate runs of seq_index; each packed sequence "
                          "must be contiguous within one row")
-    # Each real token's position must be its offset from the start of its run (restart at 0).
+    # Each real token's position is its offset from the start of its run, plus the run's context
+    # length: 0-based for a plain sequence, continuing after the shared prompt for a branch.
     lengths = ends - starts
-    run_start_T = torch.repeat_interleave(starts, lengths)
+    run_start_T = torch.repeat_interleave(starts - prefix_lengths, lengths)
     expected_T = torch.arange(flat_ids.numel()) - run_start_T
     is_real_T = flat_ids >= 0
     if not torch.equal(position_ids_RL.flatten()[is_real_T].long(), expected_T[is_real_T]):
-        raise ValueError("position_ids must restart at 0 and count up within every packed sequence")
+        raise ValueError("position_ids must restart at 0 and count up within every packed sequence "
+                         "(a sequence with a shared context starts at the context's length)")
     if cu_seqlens is not None:
         real_lengths = lengths[real]
         if not torch.equal(cu_seqlens.detach().cpu().long().diff(), real_lengths):
             raise ValueError(f"cu_seqlens {cu_seqlens.tolist()} disagrees with the sequence runs of "
                              f"seq_index (lengths {real_lengths.tolist()})")
+
+
+def _key_index(starts: torch.Tensor, ends: torch.Tensor, prefix_lengths: torch.Tensor,
+               prefix_starts: torch.Tensor) -> torch.Tensor:
+    """Flat key positions of every run: its prefix positions, then its own."""
+    pieces = []
+    for start, end, length, prefix_start in zip(starts.tolist(), ends.tolist(), prefix_lengths.tolist(),
+                                                prefix_starts.tolist(), strict=True):
+        if length:
+            pieces.append(torch.arange(prefix_start, prefix_start + length))
+        pieces.append(torch.arange(start, end))
+    return torch.cat(pieces)
 
 
 def packed_forward_kwargs(batch_like: Any) -> dict[str, Any]:
@@ -101,18 +161,21 @@ def packed_forward_kwargs(batch_like: Any) -> dict[str, Any]:
     Args:
         batch_like: object or mapping with `position_ids` [R, L] (restarting at 0 per sequence) and
             `seq_index` [R, L] (sequence id per token, -1 = padding); `cu_seqlens` [S+1], when
-            present, is checked against them.
+            present, is checked against them. Optional `context_seq` / `context_len` [S]: sequence s
+            also attends to the first context_len[s] tokens of sequence context_seq[s] (a shared
+            prompt), and its positions start at context_len[s].
 
     Returns:
         {"position_ids": [R, L], "cu_seq_lens_q"/"cu_seq_lens_k": int32 [G+1] flat bounds of all G
-        segments (sequences and padding runs, over the R*L positions, on the batch's device),
-        "max_length_q"/"max_length_k": int, "hpalign_segments": PackedSegments}. The cu_seq_lens_*
-        names are transformers' own, so its flash_attention_2 path reads them the same way. Pass
-        these to `model(input_ids=..., use_cache=False, **kwargs)` (or to the backbone) without
-        `attention_mask`: a 2D mask would make transformers build a dense [R, 1, L, L] mask that is
-        then ignored, and a packed forward has no use for a KV cache. The bounds are computed on the host:
-        free for CPU tensors, one device-to-host copy for CUDA ones; call it once per micro-batch
-        (policy and reference forwards can share the result).
+        segments (sequences and padding runs) over the R*L query positions and over the keys (the
+        same tensor when no sequence has a context; else bounds in the gathered key buffer of
+        `PackedSegments.key_index`), "max_length_q"/"max_length_k": int, "hpalign_segments":
+        PackedSegments}. The cu_seq_lens_* names are transformers' own, so its flash_attention_2
+        path reads them the same way. Pass these to `model(input_ids=..., use_cache=False, **kwargs)`
+        (or to the backbone) without `attention_mask`: a 2D mask would make transformers build a
+        dense [R, 1, L, L] mask that is then ignored, and a packed forward has no use for a KV
+        cache. The bounds are computed on the host: free for CPU tensors, one device-to-host copy for
+        CUDA ones; call it once per micro-batch (policy and reference forwards can share the result).
     """
     position_ids, seq_index = _field(batch_like, "position_ids"), _field(batch_like, "seq_index")
     if position_ids is None or seq_index is None:
@@ -121,23 +184,35 @@ def packed_forward_kwargs(batch_like: Any) -> dict[str, Any]:
         raise ValueError(f"position_ids {tuple(position_ids.shape)} and seq_index {tuple(seq_index.shape)} "
                          "must both be [R, L], non-empty")
     seq_index_RL = seq_index.detach().cpu()
-    starts, ends = _runs(seq_index_RL)
-    _check_packing(seq_index_RL, position_ids.detach().cpu(), starts, ends, _field(batch_like, "cu_seqlens"))
     row_len = seq_index_RL.shape[1]
-    is_real = (seq_index_RL.flatten()[starts] >= 0).tolist()
+    starts, ends = _runs(seq_index_RL)
+    run_ids = seq_index_RL.flatten()[starts]
+    prefix_lengths, prefix_starts = _run_prefixes(batch_like, run_ids, starts, ends, row_len)
+    _check_packing(seq_index_RL, position_ids.detach().cpu(), starts, ends, prefix_lengths,
+                   _field(batch_like, "cu_seqlens"))
+    is_real = (run_ids >= 0).tolist()
     bounds = tuple(
         (s // row_len, s % row_len, e - (s // row_len) * row_len, r)
         for s, e, r in zip(starts.tolist(), ends.tolist(), is_real, strict=True)
     )
-    cu_seq_lens = torch.cat([starts, ends[-1:]]).to(device=seq_index.device, dtype=torch.int32)
-    max_length = int((ends - starts).max())
+    device = seq_index.device
+    cu_seq_lens_q = torch.cat([starts, ends[-1:]]).to(device=device, dtype=torch.int32)
+    max_length_q = int((ends - starts).max())
+    cu_seq_lens_k, max_length_k, segments = cu_seq_lens_q, max_length_q, PackedSegments(bounds, row_len)
+    if bool(prefix_lengths.any()):
+        key_lengths = ends - starts + prefix_lengths
+        cu_seq_lens_k = torch.cat([torch.zeros(1, dtype=torch.long), key_lengths.cumsum(0)])
+        cu_seq_lens_k = cu_seq_lens_k.to(device=device, dtype=torch.int32)
+        max_length_k = int(key_lengths.max())
+        key_index = _key_index(starts, ends, prefix_lengths, prefix_starts).to(device)
+        segments = PackedSegments(bounds, row_len, tuple(prefix_lengths.tolist()), key_index)
     return {
         "position_ids": position_ids,
-        "cu_seq_lens_q": cu_seq_lens,
-        "cu_seq_lens_k": cu_seq_lens,
-        "max_length_q": max_length,
-        "max_length_k": max_length,
-        SEGMENTS_KWARG: PackedSegments(bounds=bounds, row_len=row_len),
+        "cu_seq_lens_q": cu_seq_lens_q,
+        "cu_seq_lens_k": cu_seq_lens_k,
+        "max_length_q": max_length_q,
+        "max_length_k": max_length_k,
+        SEGMENTS_KWARG: segments,
     }
 
 
@@ -179,38 +254,68 @@ def _check_unsupported(kwargs: dict[str, Any]) -> None:
                          "use the model's own attention implementation for this architecture")
 
 
+def _tokens_first(x_BHLD: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, D] -> [B*L, H, D] (a free view for transformers' projections, which are [B, L, H, D]
+    transposed)."""
+    return x_BHLD.transpose(1, 2).reshape(-1, x_BHLD.shape[1], x_BHLD.shape[3])
+
+
+def _keys_and_values(key, value, segments: PackedSegments) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-major keys/values of every segment back to back: the positions themselves, or gathered
+    through `key_index` when some segments also see a shared prefix (one gather per layer)."""
+    key_TnD, value_TnD = _tokens_first(key), _tokens_first(value)
+    if segments.key_index is None:
+        return key_TnD, value_TnD
+    index = segments.key_index.to(key.device)
+    return key_TnD.index_select(0, index), value_TnD.index_select(0, index)
+
+
+def _lower_right_causal_mask(num_queries: int, num_keys: int, device) -> torch.Tensor:
+    """Query i (the last num_queries of the keys' positions) sees keys up to num_keys - num_queries + i."""
+    return torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).tril(num_keys - num_queries)
+
+
 def _sdpa_per_sequence(query, key, value, segments: PackedSegments, scaling, dropout, is_causal):
-    """Causal SDPA on each sequence slice; query [B, H, L, D], key/value [B, Hkv, L, D] -> [B, L, H, Dv]."""
+    """Causal SDPA on each sequence; query [B, H, L, D], key/value [B, Hkv, L, D] -> [B, L, H, Dv].
+
+    The tensors are split once into segments (not sliced per segment: every slice's backward would
+    write a zero-filled gradient the size of the whole tensor, measured as 35 % of the backward)."""
     num_rows, num_heads, row_len, _ = query.shape
     head_dim_v = value.shape[-1]
     gqa = key.shape[1] != num_heads
+    key_TnD, value_TnD = _keys_and_values(key, value, segments)
+    queries = _tokens_first(query).split(segments.query_lengths)
+    keys, values = key_TnD.split(segments.key_lengths), value_TnD.split(segments.key_lengths)
     pieces = []  # [n, H, Dv] per segment, in flattened row-major order
-    for row, start, end, is_real in segments.bounds:
+    for (_, start, end, is_real), q, k, v in zip(segments.bounds, queries, keys, values, strict=True):
         if not is_real:
             pieces.append(query.new_zeros(end - start, num_heads, head_dim_v))
             continue
+        has_prefix = k.shape[0] != q.shape[0]
+        mask = _lower_right_causal_mask(q.shape[0], k.shape[0], q.device) if has_prefix and is_causal else None
         out_1HnD = F.scaled_dot_product_attention(
-            query[row : row + 1, :, start:end], key[row : row + 1, :, start:end],
-            value[row : row + 1, :, start:end], dropout_p=dropout, scale=scaling, is_causal=is_causal,
+            q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=is_causal and not has_prefix,
             enable_gqa=gqa,
         )
         pieces.append(out_1HnD[0].transpose(0, 1))
     return torch.cat(pieces).view(num_rows, row_len, num_heads, head_dim_v)
 
 
-def _flash_varlen(query, key, value, kwargs: dict[str, Any], scaling, dropout, is_causal):
-    """flash_attn_varlen_func over the flattened rows; same shapes as `_sdpa_per_sequence`."""
+def _flash_varlen(query, key, value, kwargs: dict[str, Any], segments: PackedSegments, scaling, dropout,
+                  is_causal):
+    """flash_attn_varlen_func over the flattened rows; same shapes as `_sdpa_per_sequence`. With
+    shared prefixes the keys are gathered so each segment's keys are contiguous; flash-attn aligns
+    the causal mask bottom-right when a segment has more keys than queries (flash-attn >= 2.1)."""
     from flash_attn import flash_attn_varlen_func
 
-    num_rows, num_heads, row_len, head_dim = query.shape
-    cu_seq_lens = kwargs["cu_seq_lens_q"].to(device=query.device, dtype=torch.int32)
-    max_length = int(kwargs["max_length_q"])
+    num_rows, num_heads, row_len, _ = query.shape
+    key_TnD, value_TnD = _keys_and_values(key, value, segments)
+    cu_q = kwargs["cu_seq_lens_q"].to(device=query.device, dtype=torch.int32)
+    cu_k = kwargs["cu_seq_lens_k"].to(device=query.device, dtype=torch.int32)
     out_TnD = flash_attn_varlen_func(
-        query.transpose(1, 2).reshape(num_rows * row_len, num_heads, head_dim),
-        key.transpose(1, 2).reshape(num_rows * row_len, key.shape[1], head_dim),
-        value.transpose(1, 2).reshape(num_rows * row_len, value.shape[1], value.shape[-1]),
-        cu_seq_lens, cu_seq_lens, max_length, max_length,
-        dropout_p=dropout, softmax_scale=scaling, causal=is_causal,
+        _tokens_first(query), key_TnD, value_TnD, cu_q, cu_k, int(kwargs["max_length_q"]),
+        int(kwargs["max_length_k"]), dropout_p=dropout, softmax_scale=scaling, causal=is_causal,
     )
     return out_TnD.view(num_rows, row_len, num_heads, value.shape[-1])
 
@@ -226,7 +331,7 @@ def _attention(backend, module, query, key, value, attention_mask, scaling, drop
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     if backend == "flash_varlen" and kwargs.get("cu_seq_lens_q") is not None:
-        return _flash_varlen(query, key, value, kwargs, scaling, dropout, is_causal), None
+        return _flash_varlen(query, key, value, kwargs, segments, scaling, dropout, is_causal), None
     return _sdpa_per_sequence(query, key, value, segments, scaling, dropout, is_causal), None
 
 

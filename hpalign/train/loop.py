@@ -19,7 +19,7 @@ import torch
 from hpalign import losses
 from hpalign.algorithms import Algorithm, SequenceStats, StepCounts
 from hpalign.config import Config
-from hpalign.data.collate import SequenceBatch
+from hpalign.data.collate import SequenceBatch, example_lengths
 from hpalign.data.types import TokenizedExample
 from hpalign.train import distributed
 from hpalign.train.schedule import BatchPlan, all_step_indices, micro_batches_for_step
@@ -30,7 +30,7 @@ logger = logging.getLogger("hpalign")
 @dataclass
 class StepResult:
     metrics: dict[str, float]
-    num_tokens: int  # real (non-pad) tokens forwarded by the policy, all ranks
+    num_tokens: int  # the step's data tokens (prompt + response per sequence), all ranks
     seconds: float
 
 
@@ -151,10 +151,14 @@ def run_step(engine, *, algorithm: Algorithm, cfg: Config, plan: BatchPlan, step
         counts.kl_reference_point = kl_reference_point(kl_batches, policy_stats, reference_stats)
     sums = train_step(engine, algorithm=algorithm, cfg=cfg, micro_batches=micro_batches, counts=counts,
                       policy_stats=policy_stats, reference_stats=reference_stats)
-    local_tokens = sum(int((b.seq_index >= 0).sum()) for b in micro_batches)
-    sums["num_tokens"] = torch.tensor(float(local_tokens))
+    # Throughput counts the data's tokens (prompt + response per sequence, as a padded trainer counts
+    # its non-pad tokens); the share actually computed is below 1 when prompts are shared.
+    local_examples = [examples[i] for indices in index_lists for i in indices]
+    sums["num_tokens"] = torch.tensor(float(sum(example_lengths(local_examples))))
+    sums["num_computed_tokens"] = torch.tensor(float(sum(int((b.seq_index >= 0).sum()) for b in micro_batches)))
     metrics = reduce_metrics(sums)
     num_tokens = int(metrics.pop("train/num_tokens"))
+    metrics["train/computed_token_share"] = metrics.pop("train/num_computed_tokens") / max(num_tokens, 1)
     if engine.zero_optimization_stage() != 0:
         metrics["train/grad_norm"] = float(engine.get_global_grad_norm())
     metrics["train/learning_rate"] = engine.lr_scheduler.get_last_lr()[0]

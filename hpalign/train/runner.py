@@ -25,8 +25,8 @@ from hpalign.train.session import (
     build_session,
     configure_threads,
     make_batcher,
-    make_collate,
     seed_everything,
+    session_collate,
     stats_functions,
 )
 
@@ -50,8 +50,7 @@ def precompute_reference(session: Session) -> None:
     path = cache_root() / "reference_logps" / f"{key[:32]}.safetensors"
     table = reference_cache.load_reference_cache(path, key)
     if table is None:
-        make_batch = make_batcher(session.data.train, pad_id=session.tokenizer.pad_token_id,
-                                  packed=session.packed, max_tokens=cfg.data.max_tokens_per_batch)
+        make_batch = make_batcher(session.data.train, session_collate(session))
         table = reference_cache.precompute_reference_logps(
             reference_stats, make_batch, len(session.data.train), batch_size=max(cfg.train.batch_size, 8),
             show_progress=distributed.is_main())
@@ -85,18 +84,17 @@ def preference_metrics(session: Session) -> dict[str, float]:
     policy_stats, reference_stats = stats_functions(session)
     if reference_stats is not None:
         reference_stats = _cached(reference_stats, session.val_reference_cache)
-    pad_id, budget = session.tokenizer.pad_token_id, cfg.data.max_tokens_per_batch
+    collate_examples = session_collate(session)
     batch_size, beta = max(cfg.train.batch_size, 8), cfg.algorithm.beta or 1.0
     metrics: dict[str, float] = {}
     if data.val_pairs:
-        make_batch = make_batcher(data.val_pairs, pad_id=pad_id, packed=session.packed, max_tokens=budget)
+        make_batch = make_batcher(data.val_pairs, collate_examples)
         metrics.update(preference_eval(
             policy_stats, reference_stats, make_batch, len(data.val_pairs), batch_size=batch_size, beta=beta,
             length_normalised=cfg.algorithm.rlhf_type in ("simpo", "orpo")))
     if session.algorithm.data_kind == "kto" and len(data.val) >= 2:
-        make_batch = make_batcher(data.val, pad_id=pad_id, packed=session.packed, max_tokens=budget)
+        make_batch = make_batcher(data.val, collate_examples)
         mismatched = mismatched_heldout(data.val, max_length=cfg.data.max_length)
-        collate_examples = make_collate(pad_id=pad_id, packed=session.packed, max_tokens=budget)
         kl_batches = [collate_examples(mismatched[i:i + batch_size]) for i in range(0, len(mismatched), batch_size)]
         z0 = kl_reference_point(kl_batches, policy_stats, reference_stats)
         metrics.update(label_eval(policy_stats, reference_stats, make_batch, len(data.val),
@@ -142,8 +140,7 @@ def log_samples(samples: list[dict[str, str]], title: str) -> None:
 def train(session: Session, state: TrainState, metrics_logger: report.MetricsLogger) -> None:
     cfg = session.cfg
     policy_stats, reference_stats = stats_functions(session)
-    collate_examples = make_collate(pad_id=session.tokenizer.pad_token_id, packed=session.packed,
-                                    max_tokens=cfg.data.max_tokens_per_batch)
+    collate_examples = session_collate(session)
     session.engine.train()
     bar = tqdm(total=session.num_steps, initial=state.global_step, desc=cfg.algorithm.rlhf_type,
                disable=not distributed.is_main(), dynamic_ncols=True)

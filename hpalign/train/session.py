@@ -104,18 +104,26 @@ def build_models(cfg: Config, algorithm: Algorithm, dtype: torch.dtype):
     return policy, reference
 
 
-def make_collate(*, pad_id: int, packed: bool, max_tokens: int):
-    """Examples -> SequenceBatch: packed rows under the token budget, or one padded row per sequence."""
+def make_collate(*, pad_id: int, packed: bool, max_tokens: int | None, share_prompt: bool = False):
+    """Examples -> SequenceBatch: packed rows under the token budget (None: one row), optionally with
+    shared prompts, or one padded row per sequence."""
     def collate_examples(examples: list) -> collate.SequenceBatch:
         if packed:
-            return collate.pack_batch(examples, pad_id=pad_id, max_tokens_per_row=max_tokens)
+            return collate.pack_batch(examples, pad_id=pad_id, max_tokens_per_row=max_tokens,
+                                      share_prompt=share_prompt)
         return collate.pad_batch(examples, pad_id=pad_id)
     return collate_examples
 
 
-def make_batcher(examples: list, *, pad_id: int, packed: bool, max_tokens: int):
-    """Example indices -> SequenceBatch."""
-    collate_examples = make_collate(pad_id=pad_id, packed=packed, max_tokens=max_tokens)
+def session_collate(session: Session):
+    """The collate function of this run's data settings."""
+    data = session.cfg.data
+    return make_collate(pad_id=session.tokenizer.pad_token_id, packed=session.packed,
+                        max_tokens=data.max_tokens_per_batch, share_prompt=data.share_prompt)
+
+
+def make_batcher(examples: list, collate_examples):
+    """Example indices -> SequenceBatch (with the example ids, for the reference log-prob table)."""
     return lambda indices: with_example_ids(collate_examples([examples[i] for i in indices]), indices)
 
 

@@ -125,6 +125,33 @@ def test_example_lengths_count_prompt_per_response():
     assert example_lengths(EXAMPLES[:2]) == [3 + 2 + 3 + 4, 5 + 1 + 5 + 1]
 
 
+def test_shared_prompt_layout_hand_worked():
+    """Prompt [10 11 12] once; the rejected branch repeats 12 (it predicts 210) at position 2 and sees
+    10, 11 as context taken from the chosen sequence."""
+    batch = pack_batch(EXAMPLES[:1], pad_id=PAD, share_prompt=True)
+    assert batch.input_ids.tolist() == [[10, 11, 12, 110, 111, 12, 210, 211, 212, 213]]
+    assert batch.labels.tolist() == [[-100, -100, 110, 111, -100, 210, 211, 212, 213, -100]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3, 4, 5, 6]]
+    assert batch.seq_index.tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 1, 1]]
+    assert batch.context_seq.tolist() == [-1, 0] and batch.context_len.tolist() == [0, 2]
+    assert batch.cu_seqlens.tolist() == [0, 5, 10]
+    assert example_lengths(EXAMPLES[:2], share_prompt=True) == [3 + 2 + 1 + 4, 5 + 1 + 1 + 1]
+    unshared = pack_batch(EXAMPLES[:1], pad_id=PAD)
+    assert unshared.context_seq is None and batch.num_loss_tokens == unshared.num_loss_tokens
+
+
+def test_shared_prompt_leaves_single_response_examples_alone():
+    kto = [TokenizedExample([1, 2], [[3, 4]], "a", label=True), TokenizedExample([1], [[5]], "b", label=False)]
+    shared, plain = pack_batch(kto, pad_id=PAD, share_prompt=True), pack_batch(kto, pad_id=PAD)
+    assert shared.context_seq is None and torch.equal(shared.input_ids, plain.input_ids)
+
+
+def test_pack_batch_without_a_budget_is_one_row_without_padding():
+    batch = pack_batch(EXAMPLES, pad_id=PAD)
+    assert batch.input_ids.shape == (1, sum(example_lengths(EXAMPLES)))
+    assert bool(batch.attention_mask.all())
+
+
 def test_kto_labels_margins_and_device_move():
     kto = [TokenizedExample([1, 2], [[3, 4]], "a", label=True), TokenizedExample([1], [[5]], "b", label=False)]
     batch = pack_batch(kto, pad_id=PAD, max_tokens_per_row=8)

@@ -244,13 +244,15 @@ def fake_flash_attn(calls: list) -> types.ModuleType:
     def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None,
                                causal=False):
         calls.append((cu_q.clone(), cu_k.clone(), max_q, max_k, causal, q.shape, k.shape))
-        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k)
+        assert cu_q.dtype == cu_k.dtype == torch.int32 and cu_q.numel() == cu_k.numel()
         out = torch.empty_like(q)
-        bounds = cu_q.tolist()
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
-            o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
-                                               v[s:e].transpose(0, 1), scale=softmax_scale,
-                                               is_causal=causal, enable_gqa=True)
+        q_bounds, k_bounds = cu_q.tolist(), cu_k.tolist()
+        for s, e, ks, ke in zip(q_bounds[:-1], q_bounds[1:], k_bounds[:-1], k_bounds[1:], strict=True):
+            # flash-attn >= 2.1: with more keys than queries the causal mask is aligned bottom-right
+            mask = torch.ones(e - s, ke - ks, dtype=torch.bool).tril(ke - ks - (e - s)) if causal else None
+            o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[ks:ke].transpose(0, 1),
+                                               v[ks:ke].transpose(0, 1), attn_mask=mask, scale=softmax_scale,
+                                               enable_gqa=True)
             out[s:e] = o.transpose(0, 1)
         return out
 
@@ -287,11 +289,11 @@ def test_packed_forward_kwargs_segments():
     assert kwargs["cu_seq_lens_k"] is kwargs["cu_seq_lens_q"]
     assert kwargs["max_length_q"] == kwargs["max_length_k"] == 9
     assert kwargs["position_ids"] is batch["position_ids"]
-    assert kwargs[SEGMENTS_KWARG] == PackedSegments(
-        bounds=((0, 0, 5, True), (0, 5, 14, True), (0, 14, 16, False),
-                (1, 0, 3, True), (1, 3, 10, True), (1, 10, 14, True), (1, 14, 16, False)),
-        row_len=ROW_LEN,
-    )
+    segments = kwargs[SEGMENTS_KWARG]
+    assert isinstance(segments, PackedSegments) and segments.row_len == ROW_LEN
+    assert segments.bounds == ((0, 0, 5, True), (0, 5, 14, True), (0, 14, 16, False),
+                               (1, 0, 3, True), (1, 3, 10, True), (1, 10, 14, True), (1, 14, 16, False))
+    assert segments.key_index is None and segments.key_lengths == segments.query_lengths
     full_rows = pack(make_sequences(100), layout=[[0, 1, 4]], row_len=18)  # no padding at all
     assert packed_forward_kwargs(full_rows)["cu_seq_lens_q"].tolist() == [0, 5, 14, 18]
 
@@ -322,3 +324,55 @@ def test_enable_reports_and_logs_backend(model, caplog):
         enable_varlen_attention(model, backend="flash_varlen")
     with pytest.raises(ValueError, match="backend"):
         enable_varlen_attention(model, backend="eager")
+
+
+def shared_prompt_batch(vocab_size: int):
+    """Two pairs with shared prompts (hpalign.data.collate) and the same pairs unshared."""
+    from hpalign.data.collate import pack_batch
+    from hpalign.data.types import TokenizedExample
+
+    gen = torch.Generator().manual_seed(3)
+    ids = lambda n: torch.randint(0, vocab_size - 4, (n,), generator=gen).tolist()  # noqa: E731
+    examples = [TokenizedExample(ids(6), [ids(4), ids(5)], "a"), TokenizedExample(ids(3), [ids(2), ids(7)], "b")]
+    return pack_batch(examples, pad_id=0, share_prompt=True), pack_batch(examples, pad_id=0)
+
+
+def per_sequence_outputs(logits, batch) -> dict[int, torch.Tensor]:
+    """sequence id -> the logits of its loss-bearing tokens (those that predict a response token)."""
+    flat_logits, flat_ids, flat_labels = logits.flatten(0, 1), batch.seq_index.flatten(), batch.labels.flatten()
+    return {s: flat_logits[(flat_ids == s) & (flat_labels != -100)] for s in range(batch.num_sequences)}
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flash"])
+def test_shared_prompt_branches_see_exactly_their_unshared_context(model, backend, monkeypatch):
+    """A branch (rejected answer) attending to the prompt laid out once gives the logits it gets
+    with its own copy of the prompt, on the SDPA path and on the flash path (torch stand-in)."""
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn(calls))
+    shared, unshared = shared_prompt_batch(model.config.vocab_size)
+    register_varlen_attention()
+    with torch.no_grad():
+        model.set_attn_implementation(FLASH_IMPL if backend == "flash" else "hpalign_varlen")
+        logits_shared = model(input_ids=shared.input_ids, use_cache=False, **packed_forward_kwargs(shared)).logits
+        model.set_attn_implementation("hpalign_varlen")
+        logits_unshared = model(input_ids=unshared.input_ids, use_cache=False,
+                                **packed_forward_kwargs(unshared)).logits
+    got, expected = per_sequence_outputs(logits_shared, shared), per_sequence_outputs(logits_unshared, unshared)
+    for s in range(shared.num_sequences):
+        torch.testing.assert_close(got[s], expected[s], atol=1e-5, rtol=1e-5)
+    if backend == "flash":
+        cu_q, cu_k, max_q, max_k, *_ = calls[0]
+        assert cu_k.tolist() == [0, 10, 10 + 5 + 6, 21 + 5, 26 + 3 + 7]  # keys: own + 5 and + 2 prompt tokens
+        assert (max_q, max_k) == (10, 11)
+
+
+def test_shared_context_must_be_in_the_same_row(model):
+    shared, _ = shared_prompt_batch(model.config.vocab_size)
+    broken = dict(position_ids=shared.position_ids, seq_index=shared.seq_index.clone(),
+                  context_seq=torch.tensor([-1, 0, -1, 7]), context_len=shared.context_len)
+    with pytest.raises(ValueError, match="not in the same packed row"):
+        packed_forward_kwargs(broken)
+    too_long = dict(position_ids=shared.position_ids, seq_index=shared.seq_index,
+                    context_seq=shared.context_seq, context_len=torch.tensor([0, 50, 0, 2]))
+    with pytest.raises(ValueError, match="context of 50 tokens"):
+        packed_forward_kwargs(too_long)

@@ -34,9 +34,9 @@ def tokenized_pairs(tokenizer, num_pairs: int, *, max_length: int, seed: int = 0
     return tokenize_examples([pairs[i] for i in chosen], template, max_length=max_length, report=LoadReport())
 
 
-def rows_budget(examples: list[TokenizedExample]) -> int:
+def rows_budget(examples: list[TokenizedExample], *, share_prompt: bool = False) -> int:
     """A row budget that fits the longest example but forces several rows."""
-    return max(example_lengths(examples))
+    return max(example_lengths(examples, share_prompt=share_prompt))
 
 
 def step_counts(stats: SequenceStats) -> StepCounts:
@@ -57,13 +57,18 @@ def dpo_loss_and_grads(policy, reference, batch, *, packed: bool) -> tuple[Seque
     return stats, loss.detach(), dict(zip(params, grads, strict=True))
 
 
-def assert_packed_equals_padded(policy, reference, examples: list[TokenizedExample], pad_id: int) -> None:
+def assert_packed_equals_padded(policy, reference, examples: list[TokenizedExample], pad_id: int, *,
+                                share_prompt: bool = False) -> None:
     enable_varlen_attention(policy)
     enable_varlen_attention(reference)
     padded = pad_batch(examples, pad_id=pad_id)
-    packed = pack_batch(examples, pad_id=pad_id, max_tokens_per_row=rows_budget(examples))
+    packed = pack_batch(examples, pad_id=pad_id, max_tokens_per_row=rows_budget(examples, share_prompt=share_prompt),
+                        share_prompt=share_prompt)
     assert 1 < packed.input_ids.shape[0] < padded.input_ids.shape[0], "the test needs several packed rows"
     assert packed.num_loss_tokens == padded.num_loss_tokens
+    if share_prompt:  # each prompt but its last token is laid out once per pair, not twice
+        saved = sum(len(ex.prompt_ids) - 1 for ex in examples)
+        assert int(packed.attention_mask.sum()) == int(padded.attention_mask.sum()) - saved
 
     stats_pad, loss_pad, grads_pad = dpo_loss_and_grads(policy, reference, padded, packed=False)
     stats_pack, loss_pack, grads_pack = dpo_loss_and_grads(policy, reference, packed, packed=True)
@@ -101,7 +106,8 @@ def tiny():
     return build_tiny_llama(seed=0)
 
 
-def test_tiny_full_model_packed_equals_padded(tiny):
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_tiny_full_model_packed_equals_padded(tiny, share_prompt):
     model, tokenizer = tiny
     policy = copy.deepcopy(model).float()
     reference = copy.deepcopy(model).float()
@@ -109,16 +115,18 @@ def test_tiny_full_model_packed_equals_padded(tiny):
         for param in reference.parameters():
             param.add_(torch.randn_like(param) * 0.01)
     examples = tokenized_pairs(tokenizer, 6, max_length=256)
-    assert_packed_equals_padded(policy, reference, examples, tokenizer.pad_token_id)
+    assert_packed_equals_padded(policy, reference, examples, tokenizer.pad_token_id, share_prompt=share_prompt)
 
 
-def lora_case(model, tokenizer, examples: list[TokenizedExample], *, targets: list[str]) -> None:
+def lora_case(model, tokenizer, examples: list[TokenizedExample], *, targets: list[str],
+              share_prompt: bool = False) -> None:
     """LoRA policy, adapter-off reference: packed == padded for stats, loss and LoRA gradients."""
     policy = lora_policy(model, targets=targets)
     enable_varlen_attention(policy)
     pad_id = tokenizer.pad_token_id
     padded = pad_batch(examples, pad_id=pad_id)
-    packed = pack_batch(examples, pad_id=pad_id, max_tokens_per_row=rows_budget(examples))
+    packed = pack_batch(examples, pad_id=pad_id, max_tokens_per_row=rows_budget(examples, share_prompt=share_prompt),
+                        share_prompt=share_prompt)
     assert 1 < packed.input_ids.shape[0] < padded.input_ids.shape[0]
     results = {}
     for name, batch, is_packed in (("padded", padded, False), ("packed", packed, True)):
@@ -142,10 +150,11 @@ def lora_case(model, tokenizer, examples: list[TokenizedExample], *, targets: li
         torch.testing.assert_close(grads_pack[name], grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_tiny_lora_packed_equals_padded(tiny):
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_tiny_lora_packed_equals_padded(tiny, share_prompt):
     model, tokenizer = tiny
     examples = tokenized_pairs(tokenizer, 6, max_length=256, seed=1)
-    lora_case(copy.deepcopy(model).float(), tokenizer, examples, targets=["ALL"])
+    lora_case(copy.deepcopy(model).float(), tokenizer, examples, targets=["ALL"], share_prompt=share_prompt)
 
 
 @pytest.mark.slow
@@ -156,7 +165,7 @@ def test_smollm2_lora_packed_equals_padded():
     tokenizer = load_tokenizer(None)
     examples = tokenized_pairs(tokenizer, 3, max_length=80, seed=2)
     assert max(example_lengths(examples)) <= 2 * 80
-    lora_case(model, tokenizer, examples, targets=["DEFAULT"])
+    lora_case(model, tokenizer, examples, targets=["DEFAULT"], share_prompt=True)
 
 
 # ----------------------------------------------------------------------------- pairs stay whole
