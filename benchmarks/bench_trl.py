@@ -46,7 +46,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from bench_train import device_slug, write_mixed_length_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TOOLS = ("trl", "hpalign")
+BASELINE = "hpalign"  # the hpalign variant with its defaults; step 1 of TRL is checked against it
 DEFAULT_LR = {"lora": 1e-4, "full": 1e-5}
 NUM_VAL_ROWS = 4  # hpalign's end-of-run evaluation needs a few held-out pairs (not timed)
 
@@ -159,7 +159,8 @@ def learning_rate(args: argparse.Namespace) -> float:
     return args.learning_rate or DEFAULT_LR[args.sft_type]
 
 
-def hpalign_command(args: argparse.Namespace, model_dir: Path, tmp_dir: Path, run_name: str) -> list[str]:
+def hpalign_command(args: argparse.Namespace, model_dir: Path, tmp_dir: Path, run_name: str,
+                    extra_flags: list[str] = ()) -> list[str]:
     return [
         sys.executable, "-m", "hpalign", "rlhf", "--rlhf_type", "dpo", "--model", str(model_dir),
         "--dataset", str(tmp_dir / "hpalign_train.jsonl"), "--val_dataset", str(tmp_dir / "hpalign_val.jsonl"),
@@ -170,6 +171,7 @@ def hpalign_command(args: argparse.Namespace, model_dir: Path, tmp_dir: Path, ru
         "--precompute_ref_log_probs", str(args.precompute_ref_log_probs).lower(),
         "--logging_steps", "1", "--eval_before_train", "false", "--num_eval_generations", "0",
         "--eval_steps", "0", "--save_steps", "1000000", "--output_dir", str(tmp_dir), "--run_name", run_name,
+        *extra_flags,
     ]
 
 
@@ -213,7 +215,10 @@ def read_hpalign_steps(run_dir: Path) -> list[dict]:
 
 def run_once(args: argparse.Namespace, model_dir: Path, tmp_dir: Path, *, tool: str, repeat: int) -> RunResult:
     run_name = f"{tool}-{repeat}"
-    command = (trl_command if tool == "trl" else hpalign_command)(args, model_dir, tmp_dir, run_name)
+    if tool == "trl":
+        command = trl_command(args, model_dir, tmp_dir, run_name)
+    else:
+        command = hpalign_command(args, model_dir, tmp_dir, run_name, args.variants[tool])
     rss_mib, wall = run_child(command, tmp_dir / f"{run_name}.log", threads=args.threads)
     if tool == "trl":
         steps = [json.loads(line) for line in (tmp_dir / run_name / "steps.jsonl").read_text().splitlines()]
@@ -297,8 +302,8 @@ def trl_child(spec: dict) -> None:
 
 def step_one_check(runs: list[RunResult]) -> dict:
     """Step 1 of the first run of each tool: loss to 1e-3, logps to relative 1e-3, tokens exact."""
-    first = {tool: next(r.first_step for r in runs if r.tool == tool) for tool in TOOLS}
-    trl, ours = first["trl"], first["hpalign"]
+    first = {tool: next(r.first_step for r in runs if r.tool == tool) for tool in ("trl", BASELINE)}
+    trl, ours = first["trl"], first[BASELINE]
     agree = {"loss": abs(trl["loss"] - ours["loss"]) <= 1e-3, "tokens": trl["tokens"] == ours["tokens"]}
     for name in ("logps/chosen", "logps/rejected"):
         agree[name] = abs(trl[name] - ours[name]) <= 1e-3 * max(1.0, abs(trl[name]))
@@ -323,12 +328,13 @@ def markdown_table(summaries: list[Summary], header: str, check: dict | None = N
         lines.append(f"| {s.tool} | {s.tokens_per_second:.0f} | {s.pairs_per_second:.3f} | "
                      f"{s.seconds_per_step:.2f} | {s.peak_rss_mib:.0f} | {s.num_timed_steps} |")
     by = {s.tool: s for s in summaries}
-    if set(by) == set(TOOLS):
-        ours, trl = by["hpalign"], by["trl"]
-        lines.append(f"| hpalign / TRL | {ours.tokens_per_second / trl.tokens_per_second:.2f}x | "
-                     f"{ours.pairs_per_second / trl.pairs_per_second:.2f}x | "
-                     f"{ours.seconds_per_step / trl.seconds_per_step:.2f}x | "
-                     f"{ours.peak_rss_mib / trl.peak_rss_mib:.2f}x | |")
+    for ours in summaries:
+        if "trl" in by and ours.tool != "trl":
+            trl = by["trl"]
+            lines.append(f"| {ours.tool} / TRL | {ours.tokens_per_second / trl.tokens_per_second:.2f}x | "
+                         f"{ours.pairs_per_second / trl.pairs_per_second:.2f}x | "
+                         f"{ours.seconds_per_step / trl.seconds_per_step:.2f}x | "
+                         f"{ours.peak_rss_mib / trl.peak_rss_mib:.2f}x | |")
     text = header + "\n\n" + "\n".join(lines) + "\n"
     return text + ("\n" + check_line(check) + "\n" if check else "")
 
@@ -375,7 +381,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the runs")
     parser.add_argument("--out_dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help="an extra hpalign run with these flags, alternated with the others, e.g. "
+                             "--variant 'no-share=--share_prompt false' (measures one lever's share)")
+    parser.add_argument("--no_trl", action="store_true", help="hpalign variants only (no TRL run, no check)")
     args = parser.parse_args(argv)
+    args.variants = {BASELINE: []}
+    for spec in args.variant:
+        name, _, flags = spec.partition("=")
+        if not name or name in args.variants or name == "trl":
+            parser.error(f"--variant {spec!r}: give a new NAME=FLAGS")
+        args.variants[name] = flags.split()
+    args.tools = ([] if args.no_trl else ["trl"]) + list(args.variants)
     if args.check_only:
         args.steps, args.warmup, args.repeats = 0, 1, 1
     if args.steps < 0 or args.warmup < 1 or args.repeats < 1 or (args.steps == 0 and not args.check_only):
@@ -392,13 +409,13 @@ def run_all(args: argparse.Namespace, model_dir: Path, tmp_dir: Path) -> tuple[l
     runs: list[RunResult] = []
     check: dict = {}
     for repeat in range(args.repeats):
-        for tool in TOOLS:
+        for tool in args.tools:
             run = run_once(args, model_dir, tmp_dir, tool=tool, repeat=repeat)
             timed = f"{sum(run.step_seconds) / max(len(run.step_seconds), 1):.2f} s/step, " if run.step_seconds else ""
             print(f"{tool:8} repeat {repeat}: {timed}{run.peak_rss_mib:.0f} MiB, {run.wall_seconds:.0f} s wall, "
                   f"step-1 loss {run.first_step['loss']:.6f}", flush=True)
             runs.append(run)
-        if repeat == 0:
+        if repeat == 0 and "trl" in args.tools:
             check = step_one_check(runs)
             print(check_line(check), flush=True)
             if not check["all_agree"] and not args.force:
@@ -421,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     import trl
 
-    summaries = [summarise(runs, tool=t, pairs_per_step=args.batch_size) for t in TOOLS]
+    summaries = [summarise(runs, tool=t, pairs_per_step=args.batch_size) for t in args.tools]
     slug, date = device_slug(), dt.date.today().isoformat()
     header = (f"dpo {args.sft_type} on {args.model}, {slug} ({platform.machine()}), TRL {trl.__version__}, "
               f"batch {args.batch_size} pairs, max_length {args.max_length}, lr {learning_rate(args):g}, "

@@ -51,9 +51,20 @@ def test_learning_rate_default_per_sft_type(sft_type: str, lr: float) -> None:
     assert resolve_defaults(make(sft_type=sft_type, learning_rate=5e-5)).train.learning_rate == 5e-5
 
 
-def test_max_tokens_per_batch_defaults_to_max_length() -> None:
+def test_max_tokens_per_batch_defaults_to_one_row_per_micro_batch() -> None:
     assert resolve_defaults(make(max_length=300)).data.max_tokens_per_batch is None  # one row per micro-batch
     assert resolve_defaults(make(max_length=300, max_tokens_per_batch=4096)).data.max_tokens_per_batch == 4096
+
+
+def test_gradient_checkpointing_default_on_for_full_fine_tuning_or_cuda(monkeypatch) -> None:
+    import hpalign.config as config
+
+    monkeypatch.setattr(config, "_has_cuda", lambda: False)
+    assert resolve_defaults(make(sft_type="full")).train.gradient_checkpointing is True
+    assert resolve_defaults(make(sft_type="lora")).train.gradient_checkpointing is False
+    assert resolve_defaults(make(sft_type="full", gradient_checkpointing=False)).train.gradient_checkpointing is False
+    monkeypatch.setattr(config, "_has_cuda", lambda: True)
+    assert resolve_defaults(make(sft_type="lora")).train.gradient_checkpointing is True
 
 
 def test_resolve_defaults_returns_a_new_config_and_is_idempotent() -> None:

@@ -92,22 +92,44 @@ def kl_reference_point(kl_batches: list[SequenceBatch], policy_stats, reference_
     return max(0.0, totals[0].item() / max(totals[1].item(), 1.0))
 
 
+class PhaseTimer:
+    """Wall seconds of each phase of a step on this rank. On CUDA every boundary synchronises, so the
+    split is real (a few syncs per micro-batch, negligible next to its forward and backward)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.seconds: dict[str, float] = {}
+        self.synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the previous lap to `phase`."""
+        self.synchronize()
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+        self.last = now
+
+
 def train_step(engine, *, algorithm: Algorithm, cfg: Config, micro_batches: list[SequenceBatch],
                counts: StepCounts, policy_stats: Callable[[SequenceBatch], SequenceStats],
-               reference_stats: Callable[[SequenceBatch], SequenceStats] | None) -> dict[str, torch.Tensor]:
+               reference_stats: Callable[[SequenceBatch], SequenceStats] | None,
+               timer: PhaseTimer) -> dict[str, torch.Tensor]:
     """Forward/backward every micro-batch of one optimizer step; returns this rank's metric sums."""
     # DeepSpeed divides each backward by the accumulation steps and averages gradients over ranks;
     # our loss is already a share of the global mean, so undo both to get exactly the big-batch gradient.
     scale = cfg.train.gradient_accumulation_steps * distributed.world_size()
     sums: dict[str, torch.Tensor] = {}
     for batch in micro_batches:
-        policy = policy_stats(batch)
         reference = reference_stats(batch) if reference_stats is not None else None
+        timer.lap("reference_forward")
+        policy = policy_stats(batch)
         loss, metrics = algorithm.objective(policy, reference, counts, cfg.algorithm)
+        timer.lap("policy_forward")
         engine.backward(loss * scale)
+        timer.lap("backward")
         if engine.is_gradient_accumulation_boundary():
             sums["grad_norm"] = _grad_norm_before_clipping(engine)
         engine.step()
+        timer.lap("optimizer")
         for name, value in {"loss": loss.detach(), **metrics}.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float().cpu()
     return sums
@@ -139,18 +161,21 @@ def run_step(engine, *, algorithm: Algorithm, cfg: Config, plan: BatchPlan, step
              examples: list[TokenizedExample], collate: Callable[[list[TokenizedExample]], SequenceBatch],
              policy_stats, reference_stats) -> StepResult:
     start = time.perf_counter()
+    timer = PhaseTimer(engine.device)
     counts = step_counts(examples, all_step_indices(plan, step, seed=cfg.train.seed))
     index_lists = micro_batches_for_step(plan, step, seed=cfg.train.seed, rank=distributed.rank())
     micro_batches = [with_example_ids(collate([examples[i] for i in indices]), indices)
                      for indices in index_lists]
+    timer.lap("data")
     if algorithm.estimates_kl:
         mismatched = kl_examples(examples, plan, step, seed=cfg.train.seed, rank=distributed.rank(),
                                  max_length=cfg.data.max_length)
         size = plan.micro_batch_size
         kl_batches = [collate(mismatched[i:i + size]) for i in range(0, len(mismatched), size)]
         counts.kl_reference_point = kl_reference_point(kl_batches, policy_stats, reference_stats)
+        timer.lap("kl_estimate")
     sums = train_step(engine, algorithm=algorithm, cfg=cfg, micro_batches=micro_batches, counts=counts,
-                      policy_stats=policy_stats, reference_stats=reference_stats)
+                      policy_stats=policy_stats, reference_stats=reference_stats, timer=timer)
     # Throughput counts the data's tokens (prompt + response per sequence, as a padded trainer counts
     # its non-pad tokens); the share actually computed is below 1 when prompts are shared.
     local_examples = [examples[i] for indices in index_lists for i in indices]
@@ -165,4 +190,5 @@ def run_step(engine, *, algorithm: Algorithm, cfg: Config, plan: BatchPlan, step
     seconds = time.perf_counter() - start
     metrics["train/tokens_per_second"] = num_tokens / max(seconds, 1e-9)
     metrics["train/step_seconds"] = seconds
+    metrics.update({f"train/time/{phase}": value for phase, value in timer.seconds.items()})
     return StepResult(metrics=metrics, num_tokens=num_tokens, seconds=seconds)
