@@ -149,8 +149,10 @@ def builtin_dataset(kind: str = "pair", split: str = "train", *, seed: int = 0
                     ) -> list[PreferenceExample] | list[KTOExample] | list[SFTExample]:
     """The built-in set: "train" (400 pairs) or "test" (64 pairs, questions disjoint from train).
 
-    kind "pair" -> PreferenceExample; "kto" -> two KTOExample per pair (chosen desirable, rejected
-    undesirable); "sft" -> SFTExample of the chosen answers. Same seed, same data.
+    kind "pair" -> PreferenceExample; "kto" -> one KTOExample per pair, truly unpaired: the chosen
+    answer (desirable) of even pairs, the rejected one (undesirable) of odd pairs, so no prompt is
+    seen with both answers and n_D = n_U (a user's pair file still gives two rows per pair,
+    `pairs_to_kto`); "sft" -> SFTExample of the chosen answers. Same seed, same data.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} of {BUILTIN_NAME}; expected one of {SPLITS}")
@@ -158,7 +160,8 @@ def builtin_dataset(kind: str = "pair", split: str = "train", *, seed: int = 0
     if kind == "pair":
         return pairs
     if kind == "kto":
-        return pairs_to_kto(pairs)
+        both = pairs_to_kto(pairs)  # [chosen of pair 0, rejected of pair 0, chosen of pair 1, ...]
+        return [both[2 * i + i % 2] for i in range(len(pairs))]
     if kind == "sft":
         return [SFTExample(p.prompt, p.chosen, p.source) for p in pairs]
     raise ValueError(f"unknown data kind {kind!r}; expected pair, kto or sft")

@@ -63,9 +63,10 @@ def test_kto_and_sft_forms():
     pairs = builtin_dataset("pair", "test")
     kto = builtin_dataset("kto", "test")
     sft = builtin_dataset("sft", "test")
-    assert len(kto) == 2 * len(pairs) and all(isinstance(ex, KTOExample) for ex in kto)
-    assert [ex.label for ex in kto[:4]] == [True, False, True, False]
-    assert kto[0].completion == pairs[0].chosen and kto[1].completion == pairs[0].rejected
+    assert len(kto) == len(pairs) and all(isinstance(ex, KTOExample) for ex in kto)
+    assert [ex.label for ex in kto[:4]] == [True, False, True, False]  # unpaired: one answer per prompt
+    assert kto[0].completion == pairs[0].chosen and kto[1].completion == pairs[1].rejected
+    assert [ex.prompt for ex in kto] == [p.prompt for p in pairs]
     assert all(isinstance(ex, SFTExample) for ex in sft)
     assert [ex.response for ex in sft] == [ex.chosen for ex in pairs]
     with pytest.raises(ValueError, match="unknown split"):
