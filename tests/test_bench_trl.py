@@ -70,7 +70,7 @@ def test_summary_table_check_and_files(bench, tmp_path):
             run(bench, "hpalign", 0, [1.0, 3.0], [800, 800], 1000.0, -50.02),
             run(bench, "trl", 1, [4.0], [800], 3200.0, -50.0),
             run(bench, "hpalign", 1, [2.0], [800], 1500.0, -50.0)]
-    summaries = [bench.summarise(runs, tool=t, pairs_per_step=4) for t in bench.TOOLS]
+    summaries = [bench.summarise(runs, tool=t, pairs_per_step=4) for t in ("trl", "hpalign")]
     trl, ours = summaries
     assert (trl.seconds_per_step, trl.tokens_per_second, trl.peak_rss_mib, trl.num_timed_steps) == (4.0, 200.0, 3200.0, 3)
     assert (ours.seconds_per_step, ours.tokens_per_second, ours.pairs_per_second) == (2.0, 400.0, 2.0)
@@ -94,6 +94,17 @@ def test_hpalign_command_shares_the_settings(bench, tmp_path):
     flags = dict(zip(command[4::2], command[5::2], strict=False))
     assert flags["--rpo_alpha"] == "0" and flags["--beta"] == "0.1" and flags["--max_steps"] == "3"
     assert flags["--learning_rate"] == "1e-05" and flags["--lora_target_modules"] == "ALL"
+    variant = bench.hpalign_command(bench_args(), Path("/m"), tmp_path, "v-0", ["--share_prompt", "false"])
+    assert variant[-2:] == ["--share_prompt", "false"]
+
+
+def test_variants_and_tools_from_the_command_line(bench):
+    args = bench.parse_args(["--variant", "no-share=--share_prompt false", "--variant", "gc=--gradient_checkpointing true"])
+    assert args.tools == ["trl", "hpalign", "no-share", "gc"]
+    assert args.variants["no-share"] == ["--share_prompt", "false"]
+    assert bench.parse_args(["--no_trl"]).tools == ["hpalign"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variant", "hpalign=--packing false"])
 
 
 def test_trl_config_accepts_the_settings(bench, tmp_path):
