@@ -1,20 +1,35 @@
-"""Training throughput with and without packing, measured on the real training command.
+"""The training throughput suite: hpalign (and variants of it) side by side with TRL, in one run.
 
-Builds a preference set of widely varying lengths (prompts about 10..400 tokens, responses about
-5..200, written as jsonl into a temporary directory), then runs `python -m hpalign rlhf` as a
-subprocess per setting, alternating A B A B ... so that drift (other load on the machine, thermal
-state) falls on both alike. Every run sees the same examples in the same steps (the schedule is a
-pure function of the seed), so the two settings do the same work on the same real tokens.
+  python benchmarks/bench_train.py --rlhf_type dpo --sft_type lora --vs trl        # hpalign vs TRL, SmolLM2
+  python benchmarks/bench_train.py --rlhf_type kto --vs trl --steps 2 --repeats 1
+  python benchmarks/bench_train.py --rlhf_type dpo --variant 'no-share=--share_prompt false' \\
+      --variant 'no-packing=--packing false --share_prompt false'                  # one lever's share each
+  python benchmarks/bench_train.py --model tiny-random-llama --vs trl --check_only  # step-1 agreement (~1 min)
 
-Per run it reads `metrics.jsonl`: `train/step_seconds` and `train/tokens_per_second` (real tokens,
-padding excluded) of each step after the first (warm-up), and the child's peak RSS from
-`os.wait4` (that child alone, not the benchmark). Reported per setting (totals over the timed
-steps of all repeats, e.g. tokens/s = all real tokens / all step seconds): real tokens/s, pairs/s (global batch / step seconds), s/step, peak RSS; and the
-ratio packing on / off.
+Data: a preference set whose lengths vary widely like chat data (prompts about 10..400 tokens,
+responses about 5..200, `write_mixed_length_dataset`), keeping the rows that fit `--max_length`
+whole, so neither tool truncates and both see the same tokens. hpalign trains on the rows as they
+are (KTO: each pair gives a desirable and an undesirable example; SFT: the chosen answers); TRL
+gets the same examples in hpalign's step order as pre-rendered text (`trl_trainers.trl_rows`) and
+a sequential sampler, so step k of both tools trains on the same examples.
 
-  python benchmarks/bench_train.py --rlhf_type dpo                         # SmolLM2, both settings
-  python benchmarks/bench_train.py --rlhf_type dpo --model tiny-random-llama --steps 4
-Writes benchmarks/results/train_<rlhf_type>_<device>_<date>.json and .md next to it.
+Runs: each is a child process, alternating TRL, hpalign, variant ..., TRL, hpalign ... so drift on
+the machine falls on all alike. Per tool: data tokens/s (prompt + response per sequence, what a
+padded trainer counts as non-pad tokens), examples/s and s/step over the steps after `--warmup`,
+the child's peak RSS (`os.wait4`), and the share of step time in data, policy forward, reference
+forward, backward and optimizer (hpalign's `train/time/*`; TRL: `compute_loss` = policy and
+reference forward, then backward, then optimizer). Before the timing is trusted, step 1 of TRL and
+hpalign is compared (loss to 1e-3, token counts exactly; RM only reports: the value heads start
+from different random weights).
+
+Shared settings: batch 4, max_length 512, AdamW, the learning rate hpalign uses by default (1e-4
+LoRA, 1e-5 full), each algorithm's hpalign default beta and weights, DPO without the RPO term,
+LoRA r=8 alpha 32 on every linear layer but the LM head, dropout 0, fp32 (TRL's bf16 autocast is
+`--trl_bf16`). Each tool's own defaults otherwise: TRL pads and uses gradient checkpointing; hpalign
+packs, shares prompts, computes log-probs for response tokens only, and checkpoints with full
+fine-tuning.
+
+Writes benchmarks/results/<rlhf_type>_<sft_type>[_vs-trl]_<device>_<date>.json, .md and .png (ratios).
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import random
@@ -33,8 +49,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+
 REPO = Path(__file__).resolve().parents[1]
-MODELS = {"smollm2": "smollm2-135m-instruct", "tiny-random-llama": "tiny-random-llama"}
+ALGORITHMS = ("dpo", "kto", "cpo", "simpo", "orpo", "rm", "sft")
+PAIR_ALGORITHMS = ("dpo", "cpo", "simpo", "orpo", "rm")
+DEFAULT_LR = {"lora": 1e-4, "full": 1e-5}
+BASELINE = "hpalign"  # the variant with hpalign's defaults; TRL's step 1 is checked against it
+NUM_VAL_ROWS = 4  # hpalign's end-of-run evaluation needs a few held-out pairs (not timed)
+PHASES = ("data", "policy_forward", "reference_forward", "backward", "optimizer")
+# What the suite asks of hpalign against TRL (benchmarks/README.md): tokens/s at least, memory at most.
+TARGETS = {"dpo": (3.0, 0.5), "default": (2.0, 1.0)}
 WORDS = ("the model learns which answer people prefer from pairs of responses to the same prompt and "
          "packing puts several short sequences into one row so that no compute is spent on padding "
          "tokens while every sequence still attends only to itself").split()
@@ -42,23 +67,29 @@ WORDS = ("the model learns which answer people prefer from pairs of responses to
 
 @dataclass
 class RunResult:
-    packing: bool
+    tool: str
     repeat: int
     step_seconds: list[float]  # timed steps (warm-up excluded)
-    tokens_per_second: list[float]
+    step_tokens: list[int]  # data tokens of each timed step
+    phase_seconds: dict[str, float]  # summed over the timed steps
+    first_step: dict[str, float]  # step-1 loss and tokens (+ logps where logged)
     peak_rss_mib: float
     wall_seconds: float
 
 
 @dataclass
 class Summary:
-    packing: bool
-    tokens_per_second: float  # real (non-padding) tokens per second, median over timed steps
-    pairs_per_second: float
+    tool: str
+    tokens_per_second: float  # all data tokens / all timed seconds
+    examples_per_second: float
     seconds_per_step: float
-    peak_rss_mib: float  # max over the runs of this setting
+    peak_rss_mib: float  # max over the runs of this tool
     num_timed_steps: int
+    phase_shares: dict[str, float]  # share of the timed step time per phase
     runs: list[RunResult] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- data
 
 
 def words(rng: random.Random, count: int) -> str:
@@ -84,69 +115,6 @@ def write_mixed_length_dataset(path: Path, *, num_rows: int, seed: int) -> dict[
             "words_per_sequence_max": max(lengths), "words_per_sequence_min": min(lengths)}
 
 
-def train_command(args: argparse.Namespace, dataset: Path, out_dir: Path, run_name: str, packing: bool) -> list[str]:
-    return [
-        sys.executable, "-m", "hpalign", "rlhf", "--rlhf_type", args.rlhf_type, "--model", MODELS[args.model],
-        # A few held-out pairs: the end-of-run evaluation needs some (and is not timed).
-        "--dataset", str(dataset), "--split_dataset_ratio", "0.05", "--max_steps", str(args.steps + 1),
-        "--logging_steps", "1", "--eval_before_train", "false", "--num_eval_generations", "0",
-        "--eval_steps", "0", "--save_steps", "1000000", "--packing", str(packing).lower(),
-        "--batch_size", str(args.batch_size), "--max_length", str(args.max_length),
-        "--output_dir", str(out_dir), "--run_name", run_name, *args.extra,
-    ]
-
-
-def run_once(args: argparse.Namespace, dataset: Path, out_dir: Path, *, packing: bool, repeat: int) -> RunResult:
-    """One training run in a child process; its own peak RSS via os.wait4."""
-    run_name = f"{'packed' if packing else 'padded'}-{repeat}"
-    env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    log_path = out_dir / f"{run_name}.log"
-    start = time.perf_counter()
-    with log_path.open("w") as log:
-        child = subprocess.Popen(train_command(args, dataset, out_dir, run_name, packing), cwd=REPO, env=env,
-                                 stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    if child.returncode != 0:
-        tail = "\n".join(log_path.read_text().splitlines()[-30:])
-        raise RuntimeError(f"training run {run_name} failed ({child.returncode}):\n{tail}")
-    records = [json.loads(line) for line in (out_dir / run_name / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "train/step_seconds" in r][1:]  # the first step warms up
-    if not steps:
-        raise RuntimeError(f"{run_name}: no timed steps in metrics.jsonl (need --steps >= 1)")
-    rss_mib = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)  # macOS bytes, Linux KiB
-    return RunResult(packing, repeat, [r["train/step_seconds"] for r in steps],
-                     [r["train/tokens_per_second"] for r in steps], rss_mib, wall)
-
-
-def summarise(runs: list[RunResult], *, packing: bool, pairs_per_step: int) -> Summary:
-    """Totals over every timed step of this setting: tokens/s = sum of tokens / sum of seconds."""
-    mine = [r for r in runs if r.packing == packing]
-    seconds = [s for r in mine for s in r.step_seconds]
-    tokens = sum(t * s for r in mine for t, s in zip(r.tokens_per_second, r.step_seconds, strict=True))
-    total_s = sum(seconds)
-    return Summary(packing, tokens / total_s, pairs_per_step * len(seconds) / total_s, total_s / len(seconds),
-                   max(r.peak_rss_mib for r in mine), len(seconds), mine)
-
-
-def markdown_table(summaries: list[Summary], header: str) -> str:
-    lines = ["| packing | real tokens/s | pairs/s | s/step | peak RSS MiB | timed steps |", "|" + "---|" * 6]
-    for s in summaries:
-        lines.append(f"| {'on' if s.packing else 'off'} | {s.tokens_per_second:.0f} | {s.pairs_per_second:.3f} | "
-                     f"{s.seconds_per_step:.2f} | {s.peak_rss_mib:.0f} | {s.num_timed_steps} |")
-    by = {s.packing: s for s in summaries}
-    if len(by) == 2:
-        on, off = by[True], by[False]
-        lines.append(f"| on / off | {on.tokens_per_second / off.tokens_per_second:.2f}x | "
-                     f"{on.pairs_per_second / off.pairs_per_second:.2f}x | "
-                     f"{on.seconds_per_step / off.seconds_per_step:.2f}x | "
-                     f"{on.peak_rss_mib / off.peak_rss_mib:.2f}x | |")
-    return header + "\n\n" + "\n".join(lines) + "\n"
-
-
 def device_slug() -> str:
     import torch
 
@@ -155,61 +123,464 @@ def device_slug() -> str:
     return f"cpu{torch.get_num_threads()}"
 
 
+def model_directory(name: str, tmp_dir: Path) -> Path:
+    """An HF directory both tools load: the cached SmolLM2, tiny-random-llama saved once, or a
+    random-weight Llama-shaped model (`random-llama-1b`, for GPU runs: throughput needs no training)."""
+    if name == "smollm2":
+        from hpalign.model import ensure_smollm2_cached
+
+        return ensure_smollm2_cached()
+    if name == "tiny-random-llama":
+        from hpalign.tiny_model import build_tiny_llama
+
+        model, tokenizer = build_tiny_llama(seed=0)
+    else:
+        model, tokenizer = random_llama(name)
+    path = tmp_dir / name
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+RANDOM_LLAMA_SHAPES = {  # hidden, layers, heads, kv heads, intermediate (Llama-3.2-1B's shape)
+    "random-llama-1b": (2048, 16, 32, 8, 8192),
+}
+
+
+def random_llama(name: str):
+    """A random-weight Llama of a known shape with SmolLM2's tokenizer (vocabulary 49152)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hpalign.model import ensure_smollm2_cached
+
+    hidden, layers, heads, kv_heads, intermediate = RANDOM_LLAMA_SHAPES[name]
+    tokenizer = AutoTokenizer.from_pretrained(ensure_smollm2_cached())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate,
+                         max_position_embeddings=4096, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config), tokenizer
+
+
+def fitting_rows(rows: list[dict], tokenizer, *, max_length: int) -> list[dict]:
+    """The rows whose prompt + longer response fits `max_length` tokens under hpalign's template."""
+    from hpalign.data.templates import resolve_template
+
+    template = resolve_template(tokenizer)
+    kept = []
+    for row in rows:
+        prompt = len(template.encode_prompt([{"role": "user", "content": row["prompt"]}]))
+        longest = max(len(template.encode_response(row[k])) for k in ("chosen", "rejected"))
+        if prompt + longest <= max_length:
+            kept.append(row)
+    return kept
+
+
+def hpalign_examples(rlhf_type: str, rows: list[dict]) -> list[dict]:
+    """hpalign's examples of the pair rows, in load order: KTO gets chosen (desirable) and rejected
+    (undesirable) of each pair, SFT the chosen answers, the pair algorithms the rows."""
+    if rlhf_type == "kto":
+        return [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"}
+                for r in rows for k in ("chosen", "rejected")]
+    if rlhf_type == "sft":
+        return [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    return rows
+
+
+def hpalign_order(num_examples: int, *, batch_size: int, num_steps: int, seed: int) -> list[int]:
+    """Example indices in the order hpalign trains on them (its schedule, one process)."""
+    from hpalign.train.schedule import BatchPlan, all_step_indices
+
+    plan = BatchPlan(num_examples=num_examples, micro_batch_size=batch_size, accumulation=1, world_size=1)
+    return [i for step in range(num_steps) for i in all_step_indices(plan, step, seed=seed)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def rows_needed(args: argparse.Namespace) -> int:
+    """Pair rows for warm-up + timed steps (a KTO example is half a row)."""
+    examples = args.batch_size * (args.warmup + args.steps)
+    return math.ceil(examples / 2) if args.rlhf_type == "kto" else examples
+
+
+def prepare_data(tmp_dir: Path, model_dir: Path, args: argparse.Namespace) -> dict:
+    """Writes hpalign_train/val.jsonl and (with --vs trl) trl_train.jsonl; returns data statistics."""
+    from transformers import AutoTokenizer
+
+    from hpalign.data.templates import resolve_template
+
+    wanted = rows_needed(args) + NUM_VAL_ROWS
+    # Generous: the byte-level tiny-random-llama tokenizer fits few rows into 512 tokens. The generator
+    # is seeded per row, so the first rows are the same whatever the count.
+    stats = write_mixed_length_dataset(tmp_dir / "mixed.jsonl", num_rows=8 * wanted + 16, seed=args.seed)
+    rows = [json.loads(line) for line in (tmp_dir / "mixed.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    kept = fitting_rows(rows, tokenizer, max_length=args.max_length)
+    if len(kept) < wanted:
+        raise ValueError(f"only {len(kept)} of {len(rows)} rows fit --max_length {args.max_length}; need {wanted}")
+    val, train = kept[:NUM_VAL_ROWS], kept[NUM_VAL_ROWS:wanted]
+    write_jsonl(tmp_dir / "hpalign_train.jsonl", train)
+    write_jsonl(tmp_dir / "hpalign_val.jsonl", val)
+    if args.vs == "trl":
+        from trl_trainers import trl_rows
+
+        examples = hpalign_examples(args.rlhf_type, train)
+        order = hpalign_order(len(examples), batch_size=args.batch_size, num_steps=args.warmup + args.steps,
+                              seed=args.seed)
+        write_jsonl(tmp_dir / "trl_train.jsonl",
+                    trl_rows(args.rlhf_type, [examples[i] for i in order], resolve_template(tokenizer)))
+    return {**stats, "rows_generated": len(rows), "rows_fitting_max_length": len(kept),
+            "train_rows": len(train), "val_rows": len(val)}
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def learning_rate(args: argparse.Namespace) -> float:
+    return args.learning_rate or DEFAULT_LR[args.sft_type]
+
+
+def algorithm_settings(rlhf_type: str) -> dict:
+    """hpalign's defaults for the algorithm, given to both tools."""
+    from hpalign.config import DEFAULT_BETA, AlgorithmConfig
+
+    defaults = AlgorithmConfig()
+    return {"beta": DEFAULT_BETA.get(rlhf_type), "cpo_alpha": defaults.cpo_alpha, "simpo_gamma": defaults.simpo_gamma,
+            "desirable_weight": defaults.desirable_weight, "undesirable_weight": defaults.undesirable_weight,
+            "rpo_alpha": 0.0}
+
+
+def hpalign_command(args: argparse.Namespace, model_dir: Path, tmp_dir: Path, run_name: str,
+                    extra_flags: list[str] = ()) -> list[str]:
+    launcher = ([sys.executable, "-m", "hpalign", "rlhf"] if args.nproc == 1 else
+                ["deepspeed", "--num_gpus", str(args.nproc), str(REPO / "launch" / "train.py")])
+    return [
+        *launcher, "--rlhf_type", args.rlhf_type, "--model", str(model_dir),
+        "--dataset", str(tmp_dir / "hpalign_train.jsonl"), "--val_dataset", str(tmp_dir / "hpalign_val.jsonl"),
+        "--max_steps", str(args.warmup + args.steps), "--batch_size", str(args.batch_size),
+        "--max_length", str(args.max_length), "--rpo_alpha", "0",
+        "--sft_type", args.sft_type, "--lora_target_modules", "ALL", "--lora_rank", "8", "--lora_alpha", "32",
+        "--lora_dropout", "0", "--learning_rate", str(learning_rate(args)), "--seed", str(args.seed),
+        "--precompute_ref_log_probs", str(args.precompute_ref_log_probs).lower(),
+        "--logging_steps", "1", "--eval_before_train", "false", "--num_eval_generations", "0",
+        "--eval_steps", "0", "--save_steps", "1000000", "--output_dir", str(tmp_dir), "--run_name", run_name,
+        *extra_flags,
+    ]
+
+
+def trl_spec(args: argparse.Namespace, model_dir: Path, tmp_dir: Path, run_name: str) -> dict:
+    """What the TRL child needs, as JSON-able values."""
+    return {"rlhf_type": args.rlhf_type, "model_dir": str(model_dir), "data": str(tmp_dir / "trl_train.jsonl"),
+            "out_dir": str(tmp_dir / run_name), "steps": args.warmup + args.steps, "batch_size": args.batch_size,
+            "max_length": args.max_length, "learning_rate": learning_rate(args), "sft_type": args.sft_type,
+            "seed": args.seed, "bf16": args.trl_bf16, "gradient_checkpointing": args.trl_gradient_checkpointing,
+            "precompute_ref_log_probs": args.precompute_ref_log_probs, **algorithm_settings(args.rlhf_type)}
+
+
+def trl_command(args: argparse.Namespace, model_dir: Path, tmp_dir: Path, run_name: str) -> list[str]:
+    spec = json.dumps(trl_spec(args, model_dir, tmp_dir, run_name))
+    if args.nproc == 1:
+        return [sys.executable, str(Path(__file__).resolve()), "_trl_child", spec]
+    return ["torchrun", "--nproc_per_node", str(args.nproc), str(Path(__file__).resolve()), "_trl_child", spec]
+
+
+def run_child(command: list[str], log_path: Path, *, threads: int | None) -> tuple[float, float]:
+    """Runs one child to the end; (the peak RSS of it or its largest descendant in MiB, wall seconds)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    env.setdefault("DS_ACCELERATOR", "cuda" if device_slug()[:3] != "cpu" else "cpu")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    start = time.perf_counter()
+    with log_path.open("w") as log:
+        child = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-30:])
+        raise RuntimeError(f"{command[1:4]} failed ({os.waitstatus_to_exitcode(status)}):\n{tail}")
+    rss_mib = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)  # macOS bytes, Linux KiB
+    return rss_mib, time.perf_counter() - start
+
+
+def read_hpalign_steps(run_dir: Path) -> list[dict]:
+    """Per step: seconds, data tokens, loss, phase seconds (and logps where logged), from metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = []
+    for r in (r for r in records if "train/step_seconds" in r):
+        step = {"seconds": r["train/step_seconds"], "loss": r["train/loss"],
+                "tokens": round(r["train/tokens_per_second"] * r["train/step_seconds"])}
+        step.update({f"time/{p}": r[f"train/time/{p}"] for p in PHASES if f"train/time/{p}" in r})
+        step.update({k: r[f"train/{k}"] for k in ("logps/chosen", "logps/rejected") if f"train/{k}" in r})
+        steps.append(step)
+    return steps
+
+
+def run_once(args: argparse.Namespace, model_dir: Path, tmp_dir: Path, *, tool: str, repeat: int) -> RunResult:
+    run_name = f"{tool}-{repeat}"
+    if tool == "trl":
+        command = trl_command(args, model_dir, tmp_dir, run_name)
+    else:
+        command = hpalign_command(args, model_dir, tmp_dir, run_name, args.variants[tool])
+    rss_mib, wall = run_child(command, tmp_dir / f"{run_name}.log", threads=args.threads)
+    if tool == "trl":
+        steps = [json.loads(line) for line in (tmp_dir / run_name / "steps.jsonl").read_text().splitlines()]
+    else:
+        steps = read_hpalign_steps(tmp_dir / run_name)
+    first = {k: v for k, v in steps[0].items() if k in ("loss", "tokens", "logps/chosen", "logps/rejected")}
+    if len(steps) > 1:  # after one update: informative with full fine-tuning (LoRA's random A differs)
+        first["step2_loss"] = steps[1]["loss"]
+    timed = steps[args.warmup:]
+    phases: dict[str, float] = {}
+    for step in timed:
+        for key, value in step.items():
+            if key.startswith("time/"):
+                phases[key[5:]] = phases.get(key[5:], 0.0) + value
+    return RunResult(tool, repeat, [s["seconds"] for s in timed], [s["tokens"] for s in timed], phases, first,
+                     rss_mib, wall)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def step_one_check(runs: list[RunResult], rlhf_type: str) -> dict:
+    """Step 1 of the first TRL and hpalign runs: loss to 1e-3, logps to relative 1e-3, tokens exact.
+    RM's loss is only reported: each tool starts its value head from its own random weights."""
+    first = {tool: next(r.first_step for r in runs if r.tool == tool) for tool in ("trl", BASELINE)}
+    trl, ours = first["trl"], first[BASELINE]
+    agree = {"tokens": trl["tokens"] == ours["tokens"]}
+    if rlhf_type != "rm":
+        agree["loss"] = abs(trl["loss"] - ours["loss"]) <= 1e-3
+    for name in ("logps/chosen", "logps/rejected"):
+        if name in trl and name in ours:
+            agree[name] = abs(trl[name] - ours[name]) <= 1e-3 * max(1.0, abs(trl[name]))
+    check = {"trl": trl, "hpalign": ours, "agree": agree, "all_agree": all(agree.values())}
+    if "step2_loss" in trl and "step2_loss" in ours:
+        check["step2_loss"] = {"trl": trl["step2_loss"], "hpalign": ours["step2_loss"]}
+    return check
+
+
+def summarise(runs: list[RunResult], *, tool: str, examples_per_step: int) -> Summary:
+    mine = [r for r in runs if r.tool == tool]
+    seconds = sum(s for r in mine for s in r.step_seconds)
+    num_steps = sum(len(r.step_seconds) for r in mine)
+    tokens = sum(t for r in mine for t in r.step_tokens)
+    phases: dict[str, float] = {}
+    for run in mine:
+        for phase, value in run.phase_seconds.items():
+            phases[phase] = phases.get(phase, 0.0) + value
+    shares = {phase: value / seconds for phase, value in phases.items()}
+    shares["other"] = max(0.0, 1.0 - sum(shares.values()))
+    return Summary(tool, tokens / seconds, examples_per_step * num_steps / seconds, seconds / num_steps,
+                   max(r.peak_rss_mib for r in mine), num_steps, shares, mine)
+
+
+def ratio_rows(summaries: list[Summary]) -> list[tuple[str, float, float, float]]:
+    """(tool, tokens/s ratio, s/step ratio, memory ratio) of every hpalign variant against TRL."""
+    by = {s.tool: s for s in summaries}
+    if "trl" not in by:
+        return []
+    trl = by["trl"]
+    return [(s.tool, s.tokens_per_second / trl.tokens_per_second, s.seconds_per_step / trl.seconds_per_step,
+             s.peak_rss_mib / trl.peak_rss_mib) for s in summaries if s.tool != "trl"]
+
+
+def markdown_table(summaries: list[Summary], header: str, check: dict | None = None) -> str:
+    lines = ["| tool | data tokens/s | examples/s | s/step | peak RSS MiB | timed steps |", "|" + "---|" * 6]
+    for s in summaries:
+        lines.append(f"| {s.tool} | {s.tokens_per_second:.0f} | {s.examples_per_second:.3f} | "
+                     f"{s.seconds_per_step:.2f} | {s.peak_rss_mib:.0f} | {s.num_timed_steps} |")
+    for tool, speed, step, memory in ratio_rows(summaries):
+        lines.append(f"| {tool} / TRL | {speed:.2f}x | {speed:.2f}x | {step:.2f}x | {memory:.2f}x | |")
+    text = header + "\n\n" + "\n".join(lines) + "\n\n" + phase_table(summaries)
+    return text + ("\n" + check_line(check) + "\n" if check else "")
+
+
+def phase_table(summaries: list[Summary]) -> str:
+    """Share of step time per phase. TRL's policy and reference forwards are one call (compute_loss),
+    shown under policy forward."""
+    columns = (*PHASES, "other")
+    lines = ["| tool | " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for s in summaries:
+        cells = []
+        for column in columns:
+            key = "forward" if s.tool == "trl" and column == "policy_forward" else column
+            value = s.phase_shares.get(key)
+            if value is None:
+                cells.append("(in policy)" if s.tool == "trl" and column == "reference_forward" else "-")
+            else:
+                cells.append(f"{100 * value:.0f} %")
+        lines.append(f"| {s.tool} | " + " | ".join(cells) + " |")
+    return "Share of step time:\n\n" + "\n".join(lines) + "\n"
+
+
+def check_line(check: dict) -> str:
+    trl, ours = check["trl"], check["hpalign"]
+    parts = [f"{name} TRL {trl[name]:.6g} / hpalign {ours[name]:.6g} ({'ok' if ok else 'DIFFERS'})"
+             for name, ok in check["agree"].items()]
+    if "loss" not in check["agree"]:
+        parts.append(f"loss TRL {trl['loss']:.6g} / hpalign {ours['loss']:.6g} (not compared: random value heads)")
+    if "step2_loss" in check:  # not part of the check: with LoRA the adapters start from different random A
+        parts.append("step-2 loss TRL {trl:.6g} / hpalign {hpalign:.6g}".format(**check["step2_loss"]))
+    return f"Step-1 check ({'agree' if check['all_agree'] else 'DISAGREE'}): " + "; ".join(parts)
+
+
+def ratio_chart(path: Path, summaries: list[Summary], *, title: str, targets: tuple[float, float]) -> bool:
+    """A PNG bar chart of hpalign/TRL tokens/s and peak memory ratios, with the targets drawn; False
+    (nothing written) without TRL runs."""
+    rows = ratio_rows(summaries)
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (speed_axis, memory_axis) = plt.subplots(1, 2, figsize=(9, 3.6))
+    names = [tool for tool, *_ in rows]
+    for axis, values, target, label in ((speed_axis, [r[1] for r in rows], targets[0], "tokens/s vs TRL (higher is better)"),
+                                        (memory_axis, [r[3] for r in rows], targets[1], "peak memory vs TRL (lower is better)")):
+        bars = axis.bar(names, values, color="#4c72b0")
+        axis.bar_label(bars, labels=[f"{v:.2f}x" for v in values])
+        axis.axhline(1.0, color="grey", linewidth=0.8)
+        axis.axhline(target, color="#c44e52", linestyle="--", linewidth=1, label=f"target {target:g}x")
+        axis.set_title(label, fontsize=10)
+        axis.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def write_results(out_dir: Path, stem: str, *, meta: dict, summaries: list[Summary], check: dict,
+                  table: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / stem
+    payload = {"meta": meta, "step_one_check": check, "results": [asdict(s) for s in summaries]}
+    path.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    path.with_suffix(".md").write_text(table)
+    return path
+
+
+# ----------------------------------------------------------------------------- main
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rlhf_type", default="dpo", choices=["dpo", "cpo", "orpo", "simpo"])
-    parser.add_argument("--model", default="smollm2", choices=sorted(MODELS))
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per run (one more warms up)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per setting, alternated A B A B")
-    parser.add_argument("--packing", default="both", choices=["both", "true", "false"])
-    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--rlhf_type", default="dpo", choices=ALGORITHMS)
+    parser.add_argument("--sft_type", default="lora", choices=["lora", "full"])
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny-random-llama", *RANDOM_LLAMA_SHAPES])
+    parser.add_argument("--vs", choices=["trl"], default=None, help="also run TRL's matching trainer")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help="an extra hpalign run with these flags, alternated with the others, e.g. "
+                             "--variant 'no-share=--share_prompt false' (measures one lever's share)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per run, after the warm-up")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each run (>= 1)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per tool, alternated TRL hpalign TRL ...")
+    parser.add_argument("--check_only", action="store_true", help="one step per tool: the step-1 check only")
+    parser.add_argument("--force", action="store_true", help="time even when the step-1 check disagrees")
+    parser.add_argument("--batch_size", type=int, default=4, help="examples per step (pairs, or KTO/SFT rows)")
     parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--learning_rate", type=float, default=None, help="default: 1e-4 LoRA, 1e-5 full")
+    parser.add_argument("--precompute_ref_log_probs", action="store_true", help="for both tools")
+    parser.add_argument("--trl_bf16", action="store_true", help="TRL's bf16 autocast; off: fp32 like hpalign on CPU")
+    parser.add_argument("--trl_gradient_checkpointing", type=lambda s: s.lower() in ("1", "true", "yes"),
+                        default=True, help="TRL's own default: true")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run: deepspeed for hpalign, "
+                        "torchrun for TRL")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="OMP_NUM_THREADS of the runs (default: torch's own choice)")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the runs")
     parser.add_argument("--out_dir", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flags for hpalign rlhf")
     args = parser.parse_args(argv)
-    args.extra = [a for a in args.extra if a != "--"]
-    if args.steps < 1 or args.repeats < 1:
-        parser.error("--steps and --repeats must be >= 1")
+    if args.check_only:
+        args.steps, args.warmup, args.repeats = 0, 1, 1
+        args.vs = args.vs or "trl"
+    if args.steps < 0 or args.warmup < 1 or args.repeats < 1 or args.nproc < 1 or (args.steps == 0 and not args.check_only):
+        parser.error("--steps must be >= 1 (or --check_only), --warmup, --repeats and --nproc >= 1")
+    args.variants = {BASELINE: []}
+    for spec in args.variant:
+        name, _, flags = spec.partition("=")
+        if not name or name in args.variants or name == "trl":
+            parser.error(f"--variant {spec!r}: give a new NAME=FLAGS")
+        args.variants[name] = flags.split()
+    args.tools = (["trl"] if args.vs == "trl" else []) + list(args.variants)
     return args
 
 
+def result_stem(args: argparse.Namespace, slug: str, date: str) -> str:
+    model = "" if args.model == "smollm2" else f"_{args.model}"
+    versus = "_vs-trl" if args.vs == "trl" else ""
+    return f"{args.rlhf_type}_{args.sft_type}{model}{versus}_{slug}_{date}"
+
+
+def run_all(args: argparse.Namespace, model_dir: Path, tmp_dir: Path) -> tuple[list[RunResult], dict]:
+    runs: list[RunResult] = []
+    check: dict = {}
+    for repeat in range(args.repeats):
+        for tool in args.tools:
+            run = run_once(args, model_dir, tmp_dir, tool=tool, repeat=repeat)
+            timed = f"{sum(run.step_seconds) / max(len(run.step_seconds), 1):.2f} s/step, " if run.step_seconds else ""
+            print(f"{tool:10} repeat {repeat}: {timed}{run.peak_rss_mib:.0f} MiB, {run.wall_seconds:.0f} s wall, "
+                  f"step-1 loss {run.first_step['loss']:.6f}", flush=True)
+            runs.append(run)
+        if repeat == 0 and "trl" in args.tools:
+            check = step_one_check(runs, args.rlhf_type)
+            print(check_line(check), flush=True)
+            if not check["all_agree"] and not args.force:
+                raise SystemExit("step 1 differs between the tools: timing not trusted (--force to time anyway)")
+    return runs, check
+
+
+def header_line(args: argparse.Namespace, slug: str, load_before: float, trl_version: str | None) -> str:
+    versus = (f", TRL {trl_version} {'bf16' if args.trl_bf16 else 'fp32'} gradient checkpointing "
+              f"{'on' if args.trl_gradient_checkpointing else 'off'}") if trl_version else ""
+    return (f"{args.rlhf_type} {args.sft_type} on {args.model}, {slug} ({platform.machine()}){versus}, "
+            f"batch {args.batch_size}, max_length {args.max_length}, lr {learning_rate(args):g}, "
+            f"precompute_ref_log_probs {str(args.precompute_ref_log_probs).lower()}, threads {args.threads or 'default'}, "
+            f"{args.nproc} process(es), {args.warmup} warm-up + {args.steps} timed steps x {args.repeats} repeat(s) "
+            f"per tool, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after")
+
+
 def main(argv: list[str] | None = None) -> None:
+    if argv is None and sys.argv[1:2] == ["_trl_child"]:
+        from trl_trainers import run_trl
+
+        run_trl(json.loads(sys.argv[2]))
+        return
     args = parse_args(argv)
-    settings = {"both": [True, False], "true": [True], "false": [False]}[args.packing]
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="hpalign-bench-") as tmp:
         tmp_dir = Path(tmp)
-        num_rows = args.batch_size * (args.steps + 1) + 16
-        data_stats = write_mixed_length_dataset(tmp_dir / "mixed.jsonl", num_rows=num_rows, seed=args.seed)
-        runs = []
-        for repeat in range(args.repeats):
-            for packing in settings:
-                run = run_once(args, tmp_dir / "mixed.jsonl", tmp_dir, packing=packing, repeat=repeat)
-                print(f"packing={str(packing).lower():5} repeat {repeat}: "
-                      f"{statistics.median(run.tokens_per_second):.0f} tok/s, "
-                      f"{statistics.median(run.step_seconds):.2f} s/step, {run.peak_rss_mib:.0f} MiB, "
-                      f"{run.wall_seconds:.0f} s wall", flush=True)
-                runs.append(run)
-    summaries = [summarise(runs, packing=p, pairs_per_step=args.batch_size) for p in settings]
+        model_dir = model_directory(args.model, tmp_dir)
+        data_stats = prepare_data(tmp_dir, model_dir, args)
+        runs, check = run_all(args, model_dir, tmp_dir)
+    if args.check_only:
+        return
+    trl_version = None
+    if args.vs == "trl":
+        import trl
+
+        trl_version = trl.__version__
+    summaries = [summarise(runs, tool=t, examples_per_step=args.batch_size) for t in args.tools]
     slug, date = device_slug(), dt.date.today().isoformat()
-    header = (f"{args.rlhf_type} on {args.model}, {slug} ({platform.machine()}), batch {args.batch_size} pairs, "
-              f"max_length {args.max_length}, threads {args.threads or 'default'}, {args.steps} timed steps x {args.repeats} repeat(s) per setting, "
-              f"load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after")
-    table = markdown_table(summaries, header)
+    header = header_line(args, slug, load_before, trl_version)
+    table = markdown_table(summaries, header, check)
     print("\n" + table)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"train_{args.rlhf_type}_{slug}_{date}"
-    meta = {"device": slug, "date": date, "model": args.model, "rlhf_type": args.rlhf_type, "steps": args.steps,
-            "repeats": args.repeats, "threads": args.threads, "batch_size": args.batch_size, "max_length": args.max_length,
-            "extra_flags": args.extra, "dataset": data_stats,
-            "loadavg_1m_before_after": [load_before, os.getloadavg()[0]]}
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": [asdict(s) for s in summaries]},
-                                                    indent=2))
-    stem.with_suffix(".md").write_text(table)
-    print(f"wrote {stem}.json and {stem}.md")
+    meta = {"device": slug, "date": date, "model": args.model, "rlhf_type": args.rlhf_type, "sft_type": args.sft_type,
+            "trl": trl_version, "variants": args.variants, "steps": args.steps, "warmup": args.warmup,
+            "repeats": args.repeats, "threads": args.threads, "nproc": args.nproc, "batch_size": args.batch_size,
+            "max_length": args.max_length, "learning_rate": learning_rate(args), "trl_bf16": args.trl_bf16,
+            "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
+            "precompute_ref_log_probs": args.precompute_ref_log_probs, "dataset": data_stats,
+            "loadavg_1m_before_after": [load_before, os.getloadavg()[0]],
+            "aggregation": "totals over timed steps: tokens/s = sum data tokens / sum seconds"}
+    path = write_results(args.out_dir, result_stem(args, slug, date), meta=meta, summaries=summaries,
+                         check=check, table=table)
+    targets = TARGETS.get(args.rlhf_type, TARGETS["default"])
+    chart = ratio_chart(path.with_suffix(".png"), summaries, title=header[:120], targets=targets)
+    print(f"wrote {path}.json and {path}.md" + (f" and {path}.png" if chart else ""))
 
 
 if __name__ == "__main__":

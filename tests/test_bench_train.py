@@ -1,6 +1,5 @@
-"""benchmarks/bench_trl.py: its data (rows that fit, TRL text = hpalign tokens, hpalign's order) and
-its result table. Nothing here trains; the one TRL check (its config accepts our settings) skips
-without trl."""
+"""benchmarks/bench_train.py, the throughput suite: its data (rows that fit, TRL rows in hpalign's
+order), its commands, and its result table, phase shares and chart. Nothing here trains."""
 
 import argparse
 import importlib.util
@@ -14,21 +13,22 @@ from hpalign.data.templates import resolve_template
 from hpalign.tiny_model import build_byte_tokenizer
 from hpalign.train.schedule import BatchPlan, micro_batches_for_step
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_trl.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_trl", BENCH)
+    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_trl"] = module  # its dataclasses look their module up while being built
+    sys.modules["bench_train"] = module  # its dataclasses look their module up while being built
     spec.loader.exec_module(module)
     return module
 
 
 def bench_args(**overrides) -> argparse.Namespace:
     values = dict(steps=2, warmup=1, batch_size=4, max_length=512, seed=0, sft_type="lora", learning_rate=None,
-                  trl_bf16=False, trl_gradient_checkpointing=True, precompute_ref_log_probs=False)
+                  trl_bf16=False, trl_gradient_checkpointing=True, precompute_ref_log_probs=False, rlhf_type="dpo",
+                  vs="trl", nproc=1)
     return argparse.Namespace(**{**values, **overrides})
 
 
@@ -48,7 +48,6 @@ def test_prepare_data_writes_fitting_rows_in_hpalign_order(bench, tmp_path):
     assert sorted(order) == list(range(len(train)))
     lengths = set()
     for row, trl_row in zip((train[i] for i in order), trl_rows, strict=True):
-        assert trl_row == bench.rendered_row(row, template)
         prompt_ids = template.encode_prompt([{"role": "user", "content": row["prompt"]}])
         chosen_ids = template.encode_response(row["chosen"])
         assert len(prompt_ids) + max(len(chosen_ids), len(template.encode_response(row["rejected"]))) <= 512
@@ -60,58 +59,70 @@ def test_prepare_data_writes_fitting_rows_in_hpalign_order(bench, tmp_path):
     assert max(lengths) > 2 * min(lengths)  # mixed lengths survive the filter
 
 
-def run(bench, tool: str, repeat: int, seconds: list[float], tokens: list[int], rss: float, logps: float):
+def test_kto_and_sft_examples_follow_hpalign_loading():
+    import bench_train
+
+    rows = [{"prompt": "p", "chosen": "c", "rejected": "r"}]
+    assert bench_train.hpalign_examples("kto", rows) == [{"prompt": "p", "completion": "c", "label": True},
+                                                         {"prompt": "p", "completion": "r", "label": False}]
+    assert bench_train.hpalign_examples("sft", rows) == [{"prompt": "p", "completion": "c"}]
+    assert bench_train.rows_needed(bench_args(rlhf_type="kto")) == 6  # 12 KTO examples = 6 pairs
+
+
+def run(bench, tool: str, repeat: int, seconds: list[float], tokens: list[int], rss: float, logps: float,
+        phases: dict | None = None):
     first = {"loss": 0.6931, "logps/chosen": logps, "logps/rejected": -90.0, "tokens": 1000}
-    return bench.RunResult(tool, repeat, seconds, tokens, first, rss, 10.0)
+    return bench.RunResult(tool, repeat, seconds, tokens, phases or {}, first, rss, 10.0)
 
 
 def test_summary_table_check_and_files(bench, tmp_path):
-    runs = [run(bench, "trl", 0, [4.0, 4.0], [800, 800], 3000.0, -50.0),
-            run(bench, "hpalign", 0, [1.0, 3.0], [800, 800], 1000.0, -50.02),
-            run(bench, "trl", 1, [4.0], [800], 3200.0, -50.0),
-            run(bench, "hpalign", 1, [2.0], [800], 1500.0, -50.0)]
-    summaries = [bench.summarise(runs, tool=t, pairs_per_step=4) for t in ("trl", "hpalign")]
+    runs = [run(bench, "trl", 0, [4.0, 4.0], [800, 800], 3000.0, -50.0, {"forward": 4.0, "backward": 3.0}),
+            run(bench, "hpalign", 0, [1.0, 3.0], [800, 800], 1000.0, -50.02, {"policy_forward": 1.0, "backward": 2.0}),
+            run(bench, "trl", 1, [4.0], [800], 3200.0, -50.0, {"forward": 2.0, "backward": 1.0}),
+            run(bench, "hpalign", 1, [2.0], [800], 1500.0, -50.0, {"policy_forward": 1.0, "backward": 1.0})]
+    summaries = [bench.summarise(runs, tool=t, examples_per_step=4) for t in ("trl", "hpalign")]
     trl, ours = summaries
     assert (trl.seconds_per_step, trl.tokens_per_second, trl.peak_rss_mib, trl.num_timed_steps) == (4.0, 200.0, 3200.0, 3)
-    assert (ours.seconds_per_step, ours.tokens_per_second, ours.pairs_per_second) == (2.0, 400.0, 2.0)
-    check = bench.step_one_check(runs)
+    assert (ours.seconds_per_step, ours.tokens_per_second, ours.examples_per_second) == (2.0, 400.0, 2.0)
+    assert trl.phase_shares == pytest.approx({"forward": 0.5, "backward": 1 / 3, "other": 1 / 6})
+    assert ours.phase_shares["policy_forward"] == pytest.approx(1 / 3) and ours.phase_shares["backward"] == 0.5
+    check = bench.step_one_check(runs, "dpo")
     assert check["all_agree"]  # -50.02 vs -50.0 is within relative 1e-3
     table = bench.markdown_table(summaries, "header", check)
     assert "| hpalign / TRL | 2.00x | 2.00x | 0.50x | 0.47x | |" in table
+    assert "| trl | - | 50 % | (in policy) | 33 % | - | 17 % |" in table
+    assert "| hpalign | - | 33 % | - | 50 % | - | 17 % |" in table
     assert "Step-1 check (agree)" in table
-    path = bench.write_results(tmp_path, "trl_dpo_lora_cpu2_today", meta={"model": "m"}, summaries=summaries,
+    path = bench.write_results(tmp_path, "dpo_lora_vs-trl_cpu2_today", meta={"model": "m"}, summaries=summaries,
                                check=check, table=table)
     payload = json.loads(path.with_suffix(".json").read_text())
     assert payload["results"][1]["tool"] == "hpalign" and payload["step_one_check"]["all_agree"]
     assert path.with_suffix(".md").read_text() == table
+    assert bench.ratio_chart(path.with_suffix(".png"), summaries, title="t", targets=(3.0, 0.5))
+    assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert not bench.ratio_chart(tmp_path / "none.png", summaries[1:], title="t", targets=(3.0, 0.5))
 
     runs[1].first_step["logps/chosen"] = -51.0
-    assert not bench.step_one_check(runs)["agree"]["logps/chosen"]
+    assert not bench.step_one_check(runs, "dpo")["agree"]["logps/chosen"]
+    runs[1].first_step["loss"] = 0.9  # RM: value heads start random, the loss is only reported
+    assert "loss" not in bench.step_one_check(runs, "rm")["agree"]
 
 
 def test_hpalign_command_shares_the_settings(bench, tmp_path):
     command = bench.hpalign_command(bench_args(sft_type="full"), Path("/m"), tmp_path, "hpalign-0")
     flags = dict(zip(command[4::2], command[5::2], strict=False))
-    assert flags["--rpo_alpha"] == "0" and flags["--beta"] == "0.1" and flags["--max_steps"] == "3"
+    assert flags["--rpo_alpha"] == "0" and flags["--rlhf_type"] == "dpo" and flags["--max_steps"] == "3"
     assert flags["--learning_rate"] == "1e-05" and flags["--lora_target_modules"] == "ALL"
     variant = bench.hpalign_command(bench_args(), Path("/m"), tmp_path, "v-0", ["--share_prompt", "false"])
     assert variant[-2:] == ["--share_prompt", "false"]
 
 
 def test_variants_and_tools_from_the_command_line(bench):
-    args = bench.parse_args(["--variant", "no-share=--share_prompt false", "--variant", "gc=--gradient_checkpointing true"])
+    args = bench.parse_args(["--vs", "trl", "--variant", "no-share=--share_prompt false",
+                             "--variant", "gc=--gradient_checkpointing true"])
     assert args.tools == ["trl", "hpalign", "no-share", "gc"]
     assert args.variants["no-share"] == ["--share_prompt", "false"]
-    assert bench.parse_args(["--no_trl"]).tools == ["hpalign"]
+    assert bench.parse_args([]).tools == ["hpalign"]
+    assert bench.result_stem(args, "cpu2", "d") == "dpo_lora_vs-trl_cpu2_d"
     with pytest.raises(SystemExit):
         bench.parse_args(["--variant", "hpalign=--packing false"])
-
-
-def test_trl_config_accepts_the_settings(bench, tmp_path):
-    pytest.importorskip("trl")
-    spec = bench.trl_spec(bench_args(), Path("/m"), tmp_path, "trl-0")
-    config = bench.trl_config(spec)
-    assert (config.beta, config.max_length, config.per_device_train_batch_size, config.max_steps) == (0.1, 512, 4, 3)
-    assert config.learning_rate == 1e-4 and config.loss_type == ["sigmoid"] and not config.bf16
-    lora = bench.trl_peft_config("lora")
-    assert (lora.r, lora.lora_alpha, lora.target_modules) == (8, 32, "all-linear")
