@@ -58,6 +58,11 @@ DEFAULT_LR = {"lora": 1e-4, "full": 1e-5}
 BASELINE = "hpalign"  # the variant with hpalign's defaults; TRL's step 1 is checked against it
 NUM_VAL_ROWS = 4  # hpalign's end-of-run evaluation needs a few held-out pairs (not timed)
 PHASES = ("data", "policy_forward", "reference_forward", "backward", "optimizer")
+# Step-1 losses that differ by definition between the tools (the check then compares token counts only).
+LOSS_NOT_COMPARED = {
+    "rm": "each tool starts its value head from its own random weights",
+    "orpo": "TRL's ORPO NLL also averages over the prompt tokens, hpalign's over the response only",
+}
 # What the suite asks of hpalign against TRL (benchmarks/README.md): tokens/s at least, memory at most.
 TARGETS = {"dpo": (3.0, 0.5), "default": (2.0, 1.0)}
 WORDS = ("the model learns which answer people prefer from pairs of responses to the same prompt and "
@@ -87,6 +92,7 @@ class Summary:
     num_timed_steps: int
     phase_shares: dict[str, float]  # share of the timed step time per phase
     runs: list[RunResult] = field(default_factory=list)
+    mfu: float | None = None  # model FLOPs utilisation, GPU only
 
 
 # ----------------------------------------------------------------------------- data
@@ -346,16 +352,17 @@ def run_once(args: argparse.Namespace, model_dir: Path, tmp_dir: Path, *, tool: 
 
 def step_one_check(runs: list[RunResult], rlhf_type: str) -> dict:
     """Step 1 of the first TRL and hpalign runs: loss to 1e-3, logps to relative 1e-3, tokens exact.
-    RM's loss is only reported: each tool starts its value head from its own random weights."""
+    Losses that differ by definition are only reported (`LOSS_NOT_COMPARED`)."""
     first = {tool: next(r.first_step for r in runs if r.tool == tool) for tool in ("trl", BASELINE)}
     trl, ours = first["trl"], first[BASELINE]
     agree = {"tokens": trl["tokens"] == ours["tokens"]}
-    if rlhf_type != "rm":
+    if rlhf_type not in LOSS_NOT_COMPARED:
         agree["loss"] = abs(trl["loss"] - ours["loss"]) <= 1e-3
     for name in ("logps/chosen", "logps/rejected"):
         if name in trl and name in ours:
             agree[name] = abs(trl[name] - ours[name]) <= 1e-3 * max(1.0, abs(trl[name]))
-    check = {"trl": trl, "hpalign": ours, "agree": agree, "all_agree": all(agree.values())}
+    check = {"trl": trl, "hpalign": ours, "agree": agree, "all_agree": all(agree.values()),
+             "why_not": LOSS_NOT_COMPARED.get(rlhf_type)}
     if "step2_loss" in trl and "step2_loss" in ours:
         check["step2_loss"] = {"trl": trl["step2_loss"], "hpalign": ours["step2_loss"]}
     return check
@@ -376,6 +383,35 @@ def summarise(runs: list[RunResult], *, tool: str, examples_per_step: int) -> Su
                    max(r.peak_rss_mib for r in mine), num_steps, shares, mine)
 
 
+# Dense bf16 peak FLOP/s per GPU (vendor spec sheets, without sparsity).
+PEAK_BF16_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l40s": 362e12, "a10g": 125e12}
+
+
+def peak_flops(slug: str) -> float | None:
+    return next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in slug), None)
+
+
+def model_parameters(model_dir: Path) -> int:
+    """Parameter count of the model in `model_dir`, built on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_flops_utilisation(summary: Summary, *, parameters: int, reference: bool, peak: float | None) -> float | None:
+    """MFU = model FLOPs of the step's data tokens per second / the GPU's peak: 6 N per token for the
+    policy's forward and backward, plus 2 N for a reference forward (attention FLOPs left out, as in
+    the usual 6 N estimate). Counted on data tokens, so work that packing or prompt sharing avoids
+    raises it, as it raises throughput."""
+    if peak is None:
+        return None
+    per_token = (6 + (2 if reference else 0)) * parameters
+    return summary.tokens_per_second * per_token / peak
+
+
 def ratio_rows(summaries: list[Summary]) -> list[tuple[str, float, float, float]]:
     """(tool, tokens/s ratio, s/step ratio, memory ratio) of every hpalign variant against TRL."""
     by = {s.tool: s for s in summaries}
@@ -387,12 +423,13 @@ def ratio_rows(summaries: list[Summary]) -> list[tuple[str, float, float, float]
 
 
 def markdown_table(summaries: list[Summary], header: str, check: dict | None = None) -> str:
-    lines = ["| tool | data tokens/s | examples/s | s/step | peak RSS MiB | timed steps |", "|" + "---|" * 6]
+    lines = ["| tool | data tokens/s | examples/s | s/step | peak memory MiB | timed steps | MFU |", "|" + "---|" * 7]
     for s in summaries:
+        mfu = f"{100 * s.mfu:.1f} %" if s.mfu is not None else "-"
         lines.append(f"| {s.tool} | {s.tokens_per_second:.0f} | {s.examples_per_second:.3f} | "
-                     f"{s.seconds_per_step:.2f} | {s.peak_rss_mib:.0f} | {s.num_timed_steps} |")
+                     f"{s.seconds_per_step:.2f} | {s.peak_rss_mib:.0f} | {s.num_timed_steps} | {mfu} |")
     for tool, speed, step, memory in ratio_rows(summaries):
-        lines.append(f"| {tool} / TRL | {speed:.2f}x | {speed:.2f}x | {step:.2f}x | {memory:.2f}x | |")
+        lines.append(f"| {tool} / TRL | {speed:.2f}x | {speed:.2f}x | {step:.2f}x | {memory:.2f}x | | |")
     text = header + "\n\n" + "\n".join(lines) + "\n\n" + phase_table(summaries)
     return text + ("\n" + check_line(check) + "\n" if check else "")
 
@@ -420,7 +457,7 @@ def check_line(check: dict) -> str:
     parts = [f"{name} TRL {trl[name]:.6g} / hpalign {ours[name]:.6g} ({'ok' if ok else 'DIFFERS'})"
              for name, ok in check["agree"].items()]
     if "loss" not in check["agree"]:
-        parts.append(f"loss TRL {trl['loss']:.6g} / hpalign {ours['loss']:.6g} (not compared: random value heads)")
+        parts.append(f"loss TRL {trl['loss']:.6g} / hpalign {ours['loss']:.6g} (not compared: {check['why_not']})")
     if "step2_loss" in check:  # not part of the check: with LoRA the adapters start from different random A
         parts.append("step-2 loss TRL {trl:.6g} / hpalign {hpalign:.6g}".format(**check["step2_loss"]))
     return f"Step-1 check ({'agree' if check['all_agree'] else 'DISAGREE'}): " + "; ".join(parts)
@@ -554,6 +591,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="hpalign-bench-") as tmp:
         tmp_dir = Path(tmp)
         model_dir = model_directory(args.model, tmp_dir)
+        parameters = model_parameters(model_dir) if peak_flops(device_slug()) else None
         data_stats = prepare_data(tmp_dir, model_dir, args)
         runs, check = run_all(args, model_dir, tmp_dir)
     if args.check_only:
@@ -565,6 +603,10 @@ def main(argv: list[str] | None = None) -> None:
         trl_version = trl.__version__
     summaries = [summarise(runs, tool=t, examples_per_step=args.batch_size) for t in args.tools]
     slug, date = device_slug(), dt.date.today().isoformat()
+    if parameters is not None:
+        for summary in summaries:
+            summary.mfu = model_flops_utilisation(summary, parameters=parameters, peak=peak_flops(slug),
+                                                  reference=args.rlhf_type in ("dpo", "kto"))
     header = header_line(args, slug, load_before, trl_version)
     table = markdown_table(summaries, header, check)
     print("\n" + table)

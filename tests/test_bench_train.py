@@ -89,7 +89,7 @@ def test_summary_table_check_and_files(bench, tmp_path):
     check = bench.step_one_check(runs, "dpo")
     assert check["all_agree"]  # -50.02 vs -50.0 is within relative 1e-3
     table = bench.markdown_table(summaries, "header", check)
-    assert "| hpalign / TRL | 2.00x | 2.00x | 0.50x | 0.47x | |" in table
+    assert "| hpalign / TRL | 2.00x | 2.00x | 0.50x | 0.47x | | |" in table
     assert "| trl | - | 50 % | (in policy) | 33 % | - | 17 % |" in table
     assert "| hpalign | - | 33 % | - | 50 % | - | 17 % |" in table
     assert "Step-1 check (agree)" in table
@@ -126,3 +126,26 @@ def test_variants_and_tools_from_the_command_line(bench):
     assert bench.result_stem(args, "cpu2", "d") == "dpo_lora_vs-trl_cpu2_d"
     with pytest.raises(SystemExit):
         bench.parse_args(["--variant", "hpalign=--packing false"])
+
+
+def test_mfu_counts_six_n_per_token_plus_two_n_for_a_reference(bench):
+    summary = bench.Summary("hpalign", 1000.0, 1.0, 1.0, 1.0, 1, {})
+    assert bench.model_flops_utilisation(summary, parameters=10**9, reference=True, peak=989e12) == \
+        pytest.approx(1000 * 8e9 / 989e12)
+    assert bench.model_flops_utilisation(summary, parameters=10**9, reference=False, peak=None) is None
+    assert bench.peak_flops("nvidia-h100-80gb-hbm3") == 989e12 and bench.peak_flops("cpu2") is None
+
+
+def test_model_parameters_on_the_meta_device(bench, tmp_path):
+    from hpalign.tiny_model import build_tiny_llama
+
+    model, _ = build_tiny_llama(seed=0)
+    model.save_pretrained(tmp_path)
+    assert bench.model_parameters(tmp_path) == sum(p.numel() for p in model.parameters())
+
+
+def test_random_llama_1b_shape(bench):
+    hidden, layers, heads, kv_heads, intermediate = bench.RANDOM_LLAMA_SHAPES["random-llama-1b"]
+    embedding = 49152 * hidden  # tied with the LM head
+    per_layer = 2 * hidden * hidden + 2 * hidden * (hidden * kv_heads // heads) + 3 * hidden * intermediate
+    assert 1.0e9 < embedding + layers * per_layer < 1.3e9

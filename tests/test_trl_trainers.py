@@ -80,14 +80,6 @@ def test_pair_rows_render_hpalign_text_in_order(tt, template):
     assert reordered == rows[::-1]
 
 
-def test_pair_rows_equal_bench_trl_rendered_row(tt, template):
-    bench = load("bench_trl")
-    if not hasattr(bench, "rendered_row"):
-        pytest.skip("bench_trl.rendered_row moved here")
-    pairs = examples("pair")
-    assert tt.trl_rows("dpo", pairs, template) == [bench.rendered_row(row, template) for row in pairs]
-
-
 @pytest.mark.parametrize("kind", ["kto", "sft"])
 def test_unpaired_rows(tt, template, kind):
     data = examples(kind)
