@@ -115,7 +115,8 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Recompute activations in backward to save memory (default: on with "
-                                "a GPU or full fine-tuning; off for LoRA on CPU, where it costs ~25% time)."})
+                                "a GPU or full fine-tuning; with LoRA on CPU, on when micro-batches average 512 "
+                                "tokens or more, off for shorter data, where it would cost ~25% time)."})
     seed: int = field(default=42, metadata={"help": "Seed for data order, init and dropout."})
     eval_steps: int = field(default=100, metadata={"help": "Evaluate held-out preference accuracy every N steps (0: only before and after training, which also run the generation task metric)."})
     save_steps: int = field(default=500, metadata={"help": "Save a checkpoint every N steps (and at the end)."})
@@ -210,10 +211,10 @@ def resolve_defaults(cfg: Config) -> Config:
         out.algorithm.beta = DEFAULT_BETA.get(out.algorithm.rlhf_type)
     if out.train.learning_rate is None:
         out.train.learning_rate = DEFAULT_LEARNING_RATE.get(out.tuning.sft_type)
-    if out.train.gradient_checkpointing is None:
-        # On a CPU with LoRA, activations are the main memory but recomputing them costs about 25 %
-        # of the step; with full fine-tuning (optimizer states on top) checkpointing pays.
-        out.train.gradient_checkpointing = _has_cuda() or out.tuning.sft_type == "full"
+    if out.train.gradient_checkpointing is None and (_has_cuda() or out.tuning.sft_type == "full"):
+        # Else (LoRA on a CPU) it stays unset: the session decides from the data's lengths, see
+        # hpalign.train.session.decide_gradient_checkpointing.
+        out.train.gradient_checkpointing = True
     return out
 
 

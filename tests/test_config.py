@@ -61,7 +61,7 @@ def test_gradient_checkpointing_default_on_for_full_fine_tuning_or_cuda(monkeypa
 
     monkeypatch.setattr(config, "_has_cuda", lambda: False)
     assert resolve_defaults(make(sft_type="full")).train.gradient_checkpointing is True
-    assert resolve_defaults(make(sft_type="lora")).train.gradient_checkpointing is False
+    assert resolve_defaults(make(sft_type="lora")).train.gradient_checkpointing is None  # decided from the data
     assert resolve_defaults(make(sft_type="full", gradient_checkpointing=False)).train.gradient_checkpointing is False
     monkeypatch.setattr(config, "_has_cuda", lambda: True)
     assert resolve_defaults(make(sft_type="lora")).train.gradient_checkpointing is True
