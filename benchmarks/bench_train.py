@@ -482,6 +482,7 @@ def ratio_chart(path: Path, summaries: list[Summary], *, title: str, targets: tu
         axis.bar_label(bars, labels=[f"{v:.2f}x" for v in values])
         axis.axhline(1.0, color="grey", linewidth=0.8)
         axis.axhline(target, color="#c44e52", linestyle="--", linewidth=1, label=f"target {target:g}x")
+        axis.set_ylim(0, 1.18 * max(*values, target, 1.0))
         axis.set_title(label, fontsize=10)
         axis.legend(fontsize=8)
     figure.suptitle(title, fontsize=10)
@@ -621,7 +622,8 @@ def main(argv: list[str] | None = None) -> None:
     path = write_results(args.out_dir, result_stem(args, slug, date), meta=meta, summaries=summaries,
                          check=check, table=table)
     targets = TARGETS.get(args.rlhf_type, TARGETS["default"])
-    chart = ratio_chart(path.with_suffix(".png"), summaries, title=header[:120], targets=targets)
+    title = f"{args.rlhf_type} {args.sft_type} on {args.model}, {slug}: hpalign / TRL {trl_version}"
+    chart = ratio_chart(path.with_suffix(".png"), summaries, title=title, targets=targets)
     print(f"wrote {path}.json and {path}.md" + (f" and {path}.png" if chart else ""))
 
 

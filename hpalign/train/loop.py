@@ -81,15 +81,41 @@ def kl_examples(examples: list[TokenizedExample], plan: BatchPlan, step: int, *,
 
 
 @torch.no_grad()
-def kl_reference_point(kl_batches: list[SequenceBatch], policy_stats, reference_stats) -> float:
-    """KTO's z0 = max(0, mean over the global batch of log pi(y'|x) - log ref(y'|x)); one all-reduce."""
+def kl_reference_point(policy_logps: list[torch.Tensor], reference_logps: list[torch.Tensor]) -> float:
+    """KTO's z0 = max(0, mean over the global batch of log pi(y'|x) - log ref(y'|x)), from this rank's
+    log-probs of the mismatched completions (one tensor per micro-batch); one all-reduce."""
     totals = torch.zeros(2, dtype=torch.float64)
-    for batch in kl_batches:
-        kl_sum, count = losses.kto_kl_estimate(policy_stats(batch).logps_ER[:, 0],
-                                              reference_stats(batch).logps_ER[:, 0])
+    for policy_B, reference_B in zip(policy_logps, reference_logps, strict=True):
+        kl_sum, count = losses.kto_kl_estimate(policy_B, reference_B)
         totals += torch.stack([kl_sum.double().cpu(), count.double().cpu()])
     totals = distributed.all_reduce_sum(totals)
     return max(0.0, totals[0].item() / max(totals[1].item(), 1.0))
+
+
+def column(stats: SequenceStats, k: int) -> SequenceStats:
+    """Response k of every example, as a one-response SequenceStats."""
+    return dataclasses.replace(stats, logps_ER=stats.logps_ER[:, k:k + 1], num_tokens_ER=stats.num_tokens_ER[:, k:k + 1])
+
+
+def kto_step_reference(micro_batches: list[SequenceBatch], rows: list[list[TokenizedExample]],
+                       mismatched: list[list[TokenizedExample]], collate, policy_stats, reference_stats,
+                       timer: PhaseTimer) -> tuple[float, Callable[[SequenceBatch], SequenceStats]]:
+    """KTO's z0 for the step and the reference stats of its rows, with one reference forward per
+    micro-batch for both: each row and its mismatched completion share the prompt (a two-response
+    example, laid out once with `share_prompt`), so the prompt is not run through the reference
+    twice. Returns (z0, a reference_stats function serving each micro-batch's rows)."""
+    row_reference, kl_reference = {}, []
+    for batch, own, other in zip(micro_batches, rows, mismatched, strict=True):
+        both = [dataclasses.replace(row, responses=[row.responses[0], kl.responses[0]]) for row, kl in zip(own, other, strict=True)]
+        stats = reference_stats(collate(both))
+        row_reference[id(batch)] = column(stats, 0)
+        kl_reference.append(stats.logps_ER[:, 1])
+    timer.lap("reference_forward")
+    with torch.no_grad():
+        kl_policy = [policy_stats(collate(other)).logps_ER[:, 0] for other in mismatched]
+    z0 = kl_reference_point(kl_policy, kl_reference)
+    timer.lap("kl_estimate")
+    return z0, lambda batch: row_reference[id(batch)]
 
 
 class PhaseTimer:
@@ -171,9 +197,10 @@ def run_step(engine, *, algorithm: Algorithm, cfg: Config, plan: BatchPlan, step
         mismatched = kl_examples(examples, plan, step, seed=cfg.train.seed, rank=distributed.rank(),
                                  max_length=cfg.data.max_length)
         size = plan.micro_batch_size
-        kl_batches = [collate(mismatched[i:i + size]) for i in range(0, len(mismatched), size)]
-        counts.kl_reference_point = kl_reference_point(kl_batches, policy_stats, reference_stats)
-        timer.lap("kl_estimate")
+        rows = [[examples[i] for i in indices] for indices in index_lists]
+        counts.kl_reference_point, reference_stats = kto_step_reference(
+            micro_batches, rows, [mismatched[i:i + size] for i in range(0, len(mismatched), size)], collate,
+            policy_stats, reference_stats, timer)
     sums = train_step(engine, algorithm=algorithm, cfg=cfg, micro_batches=micro_batches, counts=counts,
                       policy_stats=policy_stats, reference_stats=reference_stats, timer=timer)
     # Throughput counts the data's tokens (prompt + response per sequence, as a padded trainer counts

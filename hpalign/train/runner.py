@@ -96,7 +96,8 @@ def preference_metrics(session: Session) -> dict[str, float]:
         make_batch = make_batcher(data.val, collate_examples)
         mismatched = mismatched_heldout(data.val, max_length=cfg.data.max_length)
         kl_batches = [collate_examples(mismatched[i:i + batch_size]) for i in range(0, len(mismatched), batch_size)]
-        z0 = kl_reference_point(kl_batches, policy_stats, reference_stats)
+        z0 = kl_reference_point([policy_stats(batch).logps_ER[:, 0] for batch in kl_batches],
+                                [reference_stats(batch).logps_ER[:, 0] for batch in kl_batches])
         metrics.update(label_eval(policy_stats, reference_stats, make_batch, len(data.val),
                                   batch_size=batch_size, kl_reference_point=z0))
         metrics["eval/kto/kl"] = z0
