@@ -71,20 +71,29 @@ def preference_eval(policy_stats_fn: Callable, reference_stats_fn: Callable | No
 
 @torch.no_grad()
 def label_eval(policy_stats_fn: Callable, reference_stats_fn: Callable, make_batch: Callable, num_items: int,
-               *, batch_size: int, kl_reference_point: float) -> dict[str, float]:
+               *, batch_size: int) -> dict[str, float]:
     """KTO data: share of held-out examples on the right side of KTO's own boundary: the log-ratio
     log(pi/ref) above the KL reference point z0 for desirable examples, below it for undesirable
-    ones (equal counts one half). z0 is estimated on mismatched held-out pairs, as in training."""
-    totals = torch.zeros(2, dtype=torch.float64)
-    for indices, weights in shard_for_rank(num_items, batch_size=batch_size):
+    ones (equal counts one half). Each held-out example carries two responses: its own completion
+    and another example's (the mismatched pair), so one forward per batch and model serves both
+    the log-ratios and z0 = max(0, mean mismatched log-ratio), estimated as in training."""
+    ratios, labels, weights = [], [], []
+    kl_totals = torch.zeros(2, dtype=torch.float64)  # weighted sum of mismatched log-ratios, weight
+    for indices, batch_weights in shard_for_rank(num_items, batch_size=batch_size):
         batch = make_batch(indices)
         policy, reference = policy_stats_fn(batch), reference_stats_fn(batch)
-        ratio_B = (policy.logps_ER - reference.logps_ER)[:, 0].double().cpu() - kl_reference_point
-        signed_B = torch.where(policy.labels_E.cpu(), ratio_B, -ratio_B)
-        weight_B = torch.tensor(weights, dtype=torch.float64)
-        totals += torch.stack([weight_B.sum(), (weight_B * win_share(signed_B)).sum()])
-    totals = distributed.all_reduce_sum(totals)
-    return {"eval/kto/label_accuracy": totals[1].item() / max(totals[0].item(), 1.0)}
+        ratio_ER = (policy.logps_ER - reference.logps_ER).double().cpu()
+        weight_B = torch.tensor(batch_weights, dtype=torch.float64)
+        ratios.append(ratio_ER[:, 0])
+        labels.append(policy.labels_E.cpu())
+        weights.append(weight_B)
+        kl_totals += torch.stack([(weight_B * ratio_ER[:, 1]).sum(), weight_B.sum()])
+    kl_totals = distributed.all_reduce_sum(kl_totals)
+    z0 = max(0.0, kl_totals[0].item() / max(kl_totals[1].item(), 1.0))
+    ratio_B, weight_B = torch.cat(ratios) - z0, torch.cat(weights)
+    signed_B = torch.where(torch.cat(labels), ratio_B, -ratio_B)
+    totals = distributed.all_reduce_sum(torch.stack([weight_B.sum(), (weight_B * win_share(signed_B)).sum()]))
+    return {"eval/kto/label_accuracy": totals[1].item() / max(totals[0].item(), 1.0), "eval/kto/kl": z0}
 
 
 @torch.no_grad()

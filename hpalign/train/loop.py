@@ -97,25 +97,39 @@ def column(stats: SequenceStats, k: int) -> SequenceStats:
     return dataclasses.replace(stats, logps_ER=stats.logps_ER[:, k:k + 1], num_tokens_ER=stats.num_tokens_ER[:, k:k + 1])
 
 
-def kto_step_reference(micro_batches: list[SequenceBatch], rows: list[list[TokenizedExample]],
-                       mismatched: list[list[TokenizedExample]], collate, policy_stats, reference_stats,
-                       timer: PhaseTimer) -> tuple[float, Callable[[SequenceBatch], SequenceStats]]:
-    """KTO's z0 for the step and the reference stats of its rows, with one reference forward per
-    micro-batch for both: each row and its mismatched completion share the prompt (a two-response
-    example, laid out once with `share_prompt`), so the prompt is not run through the reference
-    twice. Returns (z0, a reference_stats function serving each micro-batch's rows)."""
+def kto_step_stats(micro_batches: list[SequenceBatch], rows: list[list[TokenizedExample]],
+                   mismatched: list[list[TokenizedExample]], collate, policy_stats, reference_stats,
+                   timer: PhaseTimer) -> tuple[float, Callable, Callable]:
+    """KTO's z0 for the step, and stats functions serving each micro-batch's rows.
+
+    Each row and its mismatched completion share the prompt, so they are forwarded as one
+    two-response example (laid out once with `share_prompt`): one reference forward per micro-batch
+    serves both the rows and the KL estimate. With one micro-batch per rank (no accumulation) the
+    policy's training forward serves the KL estimate too: z0 is detached, so the mismatched branch
+    gets zero gradient and the result is exact, and the prompt is not run through the policy twice.
+    With accumulation, z0 must be known before the first micro-batch's loss, so the policy's KL
+    log-probs come from a no-grad pass over every micro-batch first.
+    Returns (z0, reference_stats, policy_stats) for `train_step`."""
+    combined = [collate([dataclasses.replace(row, responses=[row.responses[0], kl.responses[0]])
+                         for row, kl in zip(own, other, strict=True)])
+                for own, other in zip(rows, mismatched, strict=True)]
     row_reference, kl_reference = {}, []
-    for batch, own, other in zip(micro_batches, rows, mismatched, strict=True):
-        both = [dataclasses.replace(row, responses=[row.responses[0], kl.responses[0]]) for row, kl in zip(own, other, strict=True)]
-        stats = reference_stats(collate(both))
+    for batch, both in zip(micro_batches, combined, strict=True):
+        stats = reference_stats(both)
         row_reference[id(batch)] = column(stats, 0)
         kl_reference.append(stats.logps_ER[:, 1])
     timer.lap("reference_forward")
+    if len(micro_batches) == 1:
+        stats = policy_stats(combined[0])
+        z0 = kl_reference_point([stats.logps_ER[:, 1].detach()], kl_reference)
+        timer.lap("policy_forward")
+        row_policy = {id(micro_batches[0]): column(stats, 0)}
+        return z0, lambda batch: row_reference[id(batch)], lambda batch: row_policy[id(batch)]
     with torch.no_grad():
         kl_policy = [policy_stats(collate(other)).logps_ER[:, 0] for other in mismatched]
     z0 = kl_reference_point(kl_policy, kl_reference)
     timer.lap("kl_estimate")
-    return z0, lambda batch: row_reference[id(batch)]
+    return z0, lambda batch: row_reference[id(batch)], policy_stats
 
 
 class PhaseTimer:
@@ -198,7 +212,7 @@ def run_step(engine, *, algorithm: Algorithm, cfg: Config, plan: BatchPlan, step
                                  max_length=cfg.data.max_length)
         size = plan.micro_batch_size
         rows = [[examples[i] for i in indices] for indices in index_lists]
-        counts.kl_reference_point, reference_stats = kto_step_reference(
+        counts.kl_reference_point, reference_stats, policy_stats = kto_step_stats(
             micro_batches, rows, [mismatched[i:i + size] for i in range(0, len(mismatched), size)], collate,
             policy_stats, reference_stats, timer)
     sums = train_step(engine, algorithm=algorithm, cfg=cfg, micro_batches=micro_batches, counts=counts,

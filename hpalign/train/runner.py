@@ -19,7 +19,7 @@ from hpalign.config import Config
 from hpalign.data import builtin
 from hpalign.train import distributed
 from hpalign.train.evaluate import generation_eval, label_eval, preference_eval
-from hpalign.train.loop import TrainState, kl_reference_point, run_step
+from hpalign.train.loop import TrainState, run_step
 from hpalign.train.session import (
     Session,
     build_session,
@@ -93,21 +93,18 @@ def preference_metrics(session: Session) -> dict[str, float]:
             policy_stats, reference_stats, make_batch, len(data.val_pairs), batch_size=batch_size, beta=beta,
             length_normalised=cfg.algorithm.rlhf_type in ("simpo", "orpo")))
     if session.algorithm.data_kind == "kto" and len(data.val) >= 2:
-        make_batch = make_batcher(data.val, collate_examples)
-        mismatched = mismatched_heldout(data.val, max_length=cfg.data.max_length)
-        kl_batches = [collate_examples(mismatched[i:i + batch_size]) for i in range(0, len(mismatched), batch_size)]
-        z0 = kl_reference_point([policy_stats(batch).logps_ER[:, 0] for batch in kl_batches],
-                                [reference_stats(batch).logps_ER[:, 0] for batch in kl_batches])
-        metrics.update(label_eval(policy_stats, reference_stats, make_batch, len(data.val),
-                                  batch_size=batch_size, kl_reference_point=z0))
-        metrics["eval/kto/kl"] = z0
+        with_kl = with_mismatched_heldout(data.val, max_length=cfg.data.max_length)
+        metrics.update(label_eval(policy_stats, reference_stats, make_batcher(with_kl, collate_examples),
+                                  len(with_kl), batch_size=batch_size))
     return metrics
 
 
-def mismatched_heldout(examples: list, *, max_length: int) -> list:
-    """Held-out (prompt_i, completion_{i+1}) pairs for the held-out KL reference point."""
+def with_mismatched_heldout(examples: list, *, max_length: int) -> list:
+    """Held-out KTO rows with a second response: the next row's completion, the mismatched pair
+    (prompt_i, completion_{i+1}) of the held-out KL reference point (it shares row i's prompt)."""
     shifted = examples[1:] + examples[:1]
-    return [dataclasses.replace(own, responses=[other.responses[0][: max(1, max_length - len(own.prompt_ids))]])
+    return [dataclasses.replace(own, responses=[own.responses[0],
+                                                other.responses[0][: max(1, max_length - len(own.prompt_ids))]])
             for own, other in zip(examples, shifted, strict=True)]
 
 

@@ -27,13 +27,23 @@ def test_preference_eval_runs_without_autograd_and_counts_wins():
     assert metrics["eval/rewards/margins"] == (1 - 3 + 0) / 3
 
 
-def test_label_eval_runs_without_autograd():
+def test_label_eval_runs_without_autograd_and_uses_the_mismatched_column_for_z0():
     weight = torch.ones((), requires_grad=True)
     seen: list[bool] = []
-    policy = _grad_tracking_stats(seen, weight)
-    reference = _grad_tracking_stats(seen, torch.zeros(()))
-    rows = [[1.0], [-1.0]]  # desirable above z0, undesirable below: both on the right side
-    metrics = label_eval(policy, reference, lambda idx: [rows[i] for i in idx], 2, batch_size=2,
-                         kl_reference_point=0.0)
+    # per example: [own completion, mismatched completion] log-probs; the reference gives 0 to all
+    rows = [[1.0, 0.5], [-1.0, 0.5], [0.3, 0.5]]
+    labels = [True, False, True]
+
+    def stats(scale):
+        def fn(indices):
+            seen.append(torch.is_grad_enabled())
+            logps_ER = scale * torch.tensor([rows[i] for i in indices])
+            return SequenceStats(logps_ER=logps_ER, num_tokens_ER=torch.ones_like(logps_ER),
+                                 labels_E=torch.tensor([labels[i] for i in indices]))
+        return fn
+
+    metrics = label_eval(stats(weight), stats(torch.zeros(())), lambda indices: indices, 3, batch_size=2)
     assert not any(seen)
-    assert metrics["eval/kto/label_accuracy"] == 1.0
+    assert metrics["eval/kto/kl"] == 0.5  # mean of the mismatched log-ratios
+    # relative to z0 = 0.5: desirable 1.0 above (right), undesirable -1.0 below (right), desirable 0.3 below (wrong)
+    assert metrics["eval/kto/label_accuracy"] == 2 / 3
