@@ -10,6 +10,7 @@ import torch
 
 from hpalign.algorithms import SequenceStats
 from hpalign.train import distributed
+from hpalign.train.loop import kl_reference_point
 
 
 def shard_for_rank(num_items: int, *, batch_size: int) -> list[tuple[list[int], list[float]]]:
@@ -77,19 +78,18 @@ def label_eval(policy_stats_fn: Callable, reference_stats_fn: Callable, make_bat
     ones (equal counts one half). Each held-out example carries two responses: its own completion
     and another example's (the mismatched pair), so one forward per batch and model serves both
     the log-ratios and z0 = max(0, mean mismatched log-ratio), estimated as in training."""
-    ratios, labels, weights = [], [], []
-    kl_totals = torch.zeros(2, dtype=torch.float64)  # weighted sum of mismatched log-ratios, weight
+    ratios, labels, weights, kl_policy, kl_reference = [], [], [], [], []
     for indices, batch_weights in shard_for_rank(num_items, batch_size=batch_size):
         batch = make_batch(indices)
         policy, reference = policy_stats_fn(batch), reference_stats_fn(batch)
-        ratio_ER = (policy.logps_ER - reference.logps_ER).double().cpu()
         weight_B = torch.tensor(batch_weights, dtype=torch.float64)
-        ratios.append(ratio_ER[:, 0])
+        ratios.append((policy.logps_ER - reference.logps_ER)[:, 0].double().cpu())
         labels.append(policy.labels_E.cpu())
         weights.append(weight_B)
-        kl_totals += torch.stack([(weight_B * ratio_ER[:, 1]).sum(), weight_B.sum()])
-    kl_totals = distributed.all_reduce_sum(kl_totals)
-    z0 = max(0.0, kl_totals[0].item() / max(kl_totals[1].item(), 1.0))
+        real_B = weight_B > 0  # padding repeats (weight 0) stay out of z0
+        kl_policy.append(policy.logps_ER[real_B, 1])
+        kl_reference.append(reference.logps_ER[real_B, 1])
+    z0 = kl_reference_point(kl_policy, kl_reference)
     ratio_B, weight_B = torch.cat(ratios) - z0, torch.cat(weights)
     signed_B = torch.where(torch.cat(labels), ratio_B, -ratio_B)
     totals = distributed.all_reduce_sum(torch.stack([weight_B.sum(), (weight_B * win_share(signed_B)).sum()]))

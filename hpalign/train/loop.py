@@ -66,6 +66,11 @@ def kl_partner_indices(plan: BatchPlan, step: int, *, seed: int) -> tuple[list[i
     return global_indices, [other + (other >= global_indices[0])]
 
 
+def mismatched_completion(own: TokenizedExample, other: TokenizedExample, *, max_length: int) -> list[int]:
+    """`other`'s completion as a KL pair for `own`'s prompt, cut so prompt + completion fit max_length."""
+    return other.responses[0][: max(1, max_length - len(own.prompt_ids))]
+
+
 def kl_examples(examples: list[TokenizedExample], plan: BatchPlan, step: int, *, seed: int, rank: int,
                 max_length: int) -> list[TokenizedExample]:
     """This rank's mismatched (prompt_i, completion_j) examples for the step, in micro-batch order."""
@@ -74,7 +79,7 @@ def kl_examples(examples: list[TokenizedExample], plan: BatchPlan, step: int, *,
     mismatched = []
     for position in range(start, start + plan.micro_batch_size * plan.accumulation):
         own, other = examples[global_indices[position]], examples[partners[position]]
-        completion = other.responses[0][: max(1, max_length - len(own.prompt_ids))]
+        completion = mismatched_completion(own, other, max_length=max_length)
         mismatched.append(TokenizedExample(prompt_ids=own.prompt_ids, responses=[completion],
                                            source=f"kl({own.source}, {other.source})", label=own.label))
     return mismatched

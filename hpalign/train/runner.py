@@ -19,7 +19,7 @@ from hpalign.config import Config
 from hpalign.data import builtin
 from hpalign.train import distributed
 from hpalign.train.evaluate import generation_eval, label_eval, preference_eval
-from hpalign.train.loop import TrainState, run_step
+from hpalign.train.loop import TrainState, mismatched_completion, run_step
 from hpalign.train.session import (
     Session,
     build_session,
@@ -103,8 +103,7 @@ def with_mismatched_heldout(examples: list, *, max_length: int) -> list:
     """Held-out KTO rows with a second response: the next row's completion, the mismatched pair
     (prompt_i, completion_{i+1}) of the held-out KL reference point (it shares row i's prompt)."""
     shifted = examples[1:] + examples[:1]
-    return [dataclasses.replace(own, responses=[own.responses[0],
-                                                other.responses[0][: max(1, max_length - len(own.prompt_ids))]])
+    return [dataclasses.replace(own, responses=[own.responses[0], mismatched_completion(own, other, max_length=max_length)])
             for own, other in zip(examples, shifted, strict=True)]
 
 
