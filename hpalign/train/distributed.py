@@ -1,17 +1,104 @@
-"""Process-group set-up and the few collectives the loop needs.
+"""How this run's processes are arranged, and the few collectives the loop needs, behind one seam.
 
 One code path serves a plain `python`/`hpalign rlhf` process (world size 1, no launcher) and
 `deepspeed --num_gpus N launch/train.py` (gloo on CPU, NCCL on GPU): DeepSpeed's engine always needs
 an initialised process group, so a launcher-less run gets a one-process group on a free local port.
+
+Where tensors live is decided here, once: `ProcessLayout.device` is the rank's compute device (every
+model and batch goes there) and `ProcessLayout.communication_device` is where the backend reads
+collective inputs (NCCL only takes CUDA tensors; gloo is given CPU tensors). `Collectives` refuses a
+tensor on any other device, on every backend, as NCCL would: a CPU run therefore fails on the same
+mistake a GPU run would, and tests can swap the seam (`use_collectives`) for one that checks more.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ProcessLayout:
+    """This process's place in the run. Data parallelism only for now: every rank is a data shard
+    (`data_parallel_*` is what the schedule, evaluation sharding and global counts ask)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = "gloo"
+    device: torch.device = torch.device("cpu")
+    communication_device: torch.device = torch.device("cpu")
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def communication_device(backend: str, device: torch.device) -> torch.device:
+    """The device collective inputs must be on: the rank's CUDA device for NCCL (it rejects CPU
+    tensors), the CPU for gloo (which would otherwise stage CUDA tensors through the host anyway)."""
+    if backend == "nccl":
+        if device.type != "cuda":
+            raise ValueError(f"the NCCL backend needs a CUDA device for this rank, got {device}")
+        return device
+    if backend == "gloo":
+        return torch.device("cpu")
+    return device  # e.g. hccl / ccl: the accelerator's own device
+
+
+def rank_device(*, cuda_available: bool, local_rank: int) -> torch.device:
+    return torch.device("cuda", local_rank) if cuda_available else torch.device("cpu")
+
+
+class Collectives:
+    """The collectives the loop uses, over torch.distributed. Inputs must already be on `device`."""
+
+    def __init__(self, layout: ProcessLayout) -> None:
+        self.layout = layout
+        self.device = layout.communication_device
+
+    def check_device(self, tensor: torch.Tensor, what: str) -> None:
+        if tensor.device != self.device:
+            raise RuntimeError(f"{what}: tensor on {tensor.device}, but the {self.layout.backend} process "
+                               f"group communicates on {self.device}; move it there first")
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over ranks (a new tensor on `device`; the input is not modified)."""
+        self.check_device(tensor, "all_reduce")
+        reduced = tensor.detach().clone()
+        if self.layout.world_size > 1:
+            dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        return reduced
+
+    def barrier(self) -> None:
+        if self.layout.world_size > 1:
+            dist.barrier()
+
+    def broadcast_object(self, value):
+        """Rank 0's value on every rank."""
+        if self.layout.world_size == 1:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0, device=self.device)
+        return holder[0]
+
+
+_layout = ProcessLayout()
+_collectives = Collectives(_layout)
 
 
 def _free_port() -> int:
@@ -20,52 +107,76 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> torch.device:
-    """Initialise torch.distributed once (via DeepSpeed) and return this rank's device."""
+def init_distributed() -> ProcessLayout:
+    """Initialise torch.distributed once (via DeepSpeed) and record this process's layout."""
     import deepspeed
 
     if "RANK" not in os.environ:  # plain single process: make a one-rank group
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = rank_device(cuda_available=cuda, local_rank=local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = dist.get_backend()
+    set_layout(ProcessLayout(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                             backend=backend, device=device,
+                             communication_device=communication_device(backend, device)))
+    return _layout
+
+
+def set_layout(layout: ProcessLayout, collectives=None) -> None:
+    """Record this process's layout; `collectives` replaces the torch.distributed seam (tests)."""
+    global _layout, _collectives
+    _layout, _collectives = layout, collectives or Collectives(layout)
+
+
+def layout() -> ProcessLayout:
+    return _layout
+
+
+def collectives() -> Collectives:
+    return _collectives
+
+
+@contextmanager
+def use_collectives(replacement) -> Iterator[None]:
+    """Swap the collectives seam (tests: a fake backend that checks every input)."""
+    global _collectives
+    previous, _collectives = _collectives, replacement
+    try:
+        yield
+    finally:
+        _collectives = previous
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return _layout.rank
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return _layout.world_size
 
 
 def is_main() -> bool:
-    return rank() == 0
+    return _layout.is_main
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (a copy; the input is not modified)."""
-    reduced = values.detach().clone()
-    if world_size() > 1:
-        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-    return reduced
+def sum_over_ranks(values: torch.Tensor | Sequence[float]) -> list[float]:
+    """Elementwise sum over ranks of a flat vector, as floats: moved to the communication device,
+    one all-reduce, one copy back to the host."""
+    seam = collectives()
+    flat = torch.as_tensor(values, dtype=torch.float64 if not torch.is_tensor(values) else None)
+    flat = flat.detach().reshape(-1).to(seam.device)
+    return seam.all_reduce_sum(flat).tolist()
 
 
 def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
+    collectives().barrier()
 
 
 def broadcast_object(value):
-    """Rank 0's value on every rank."""
-    if world_size() == 1:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+    return collectives().broadcast_object(value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +99,13 @@ def _fused_adamw_supported(params: list[torch.Tensor]) -> bool:
                                 p.device.type in ("cpu", "cuda") for p in params)
 
 
-def build_frozen_engine(model: torch.nn.Module, *, ds_config: dict[str, Any]) -> torch.nn.Module:
-    """A frozen reference model: partitioned by DeepSpeed under ZeRO-3 (so it costs 1/N memory per
-    rank, as TRL and OpenRLHF do), a plain module otherwise."""
+def build_frozen_engine(model: torch.nn.Module, *, ds_config: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """A frozen model (a full fine-tune's reference; soon PPO's reward model): partitioned by
+    DeepSpeed under ZeRO-3 (so it costs 1/N memory per rank, as TRL and OpenRLHF do; DeepSpeed
+    places it), else a plain module moved to the rank's `device`, where the batches go."""
     model.eval().requires_grad_(False)
     if zero_stage(ds_config) != 3:
-        return model
+        return model.to(device)
     import deepspeed
 
     frozen_config = {k: v for k, v in ds_config.items() if k not in ("gradient_clipping",)}
@@ -112,3 +114,55 @@ def build_frozen_engine(model: torch.nn.Module, *, ds_config: dict[str, Any]) ->
     engine, *_ = deepspeed.initialize(model=model, config=frozen_config)
     engine.eval()
     return engine.module
+
+
+# --- the global gradient norm before clipping ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class GradNormReading:
+    """What must be read at the accumulation boundary before `engine.step()`: our own norm where
+    DeepSpeed keeps none, and the loss scale its fp16 optimizer had when the gradients were made."""
+
+    own_norm: torch.Tensor | None
+    loss_scale: float
+
+
+def deepspeed_keeps_grad_norm(optimizer) -> bool:
+    """DeepSpeed's ZeRO, bf16 and fp16 optimizer wrappers compute the global norm (of the
+    accumulated, all-reduced gradient) while clipping; a plain fp32 ZeRO-0 run hands our torch
+    optimizer over unwrapped and clips without keeping the norm."""
+    return hasattr(optimizer, "_global_grad_norm")
+
+
+def _unscaled_by_deepspeed(optimizer) -> bool:
+    # FP16_UnfusedOptimizer (DeepSpeed's ZeRO-0 fp16/bf16 wrapper around a torch optimizer) keeps
+    # the norm of the loss-scaled gradient; every other wrapper divides by the scale itself.
+    return type(optimizer).__name__ != "FP16_UnfusedOptimizer"
+
+
+def read_grad_norm_before_step(engine) -> GradNormReading:
+    optimizer = engine.optimizer
+    scale_config = getattr(optimizer, "loss_scale_config", None)
+    loss_scale = 1.0 if _unscaled_by_deepspeed(optimizer) else float(getattr(scale_config, "cur_scale", 1.0))
+    own = None if deepspeed_keeps_grad_norm(optimizer) else fp32_grad_norm(engine.module)
+    return GradNormReading(own_norm=own, loss_scale=loss_scale)
+
+
+def fp32_grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """L2 norm of every gradient of `module` (at the boundary DeepSpeed has all-reduced them), on
+    the gradients' device: no host sync."""
+    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def grad_norm_after_step(engine, reading: GradNormReading) -> torch.Tensor | None:
+    """The global gradient norm before clipping of the step just taken (None: DeepSpeed was
+    configured not to compute it)."""
+    if reading.own_norm is not None:
+        return reading.own_norm
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return torch.as_tensor(norm).detach().double() / reading.loss_scale

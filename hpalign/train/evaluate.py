@@ -15,7 +15,7 @@ from hpalign.train.loop import kl_reference_point
 
 def shard_for_rank(num_items: int, *, batch_size: int) -> list[tuple[list[int], list[float]]]:
     """This rank's batches of item indices with weights (0 for padding repeats), equal count on all ranks."""
-    world, rank = distributed.world_size(), distributed.rank()
+    world, rank = distributed.layout().data_parallel_size, distributed.layout().data_parallel_rank
     chunk = batch_size * world
     batches = []
     for start in range(0, num_items, chunk):
@@ -61,12 +61,11 @@ def preference_eval(policy_stats_fn: Callable, reference_stats_fn: Callable | No
         weight_B = torch.tensor(weights, dtype=torch.float64)
         totals += torch.stack([weight_B.sum(), (weight_B * win_share(margin_B)).sum(),
                                (weight_B * margin_B).sum(), (weight_B * win_share(logp_margin_B)).sum()])
-    totals = distributed.all_reduce_sum(totals)
-    count = max(totals[0].item(), 1.0)
-    metrics = {"eval/rewards/accuracies": totals[1].item() / count,
-               "eval/rewards/margins": totals[2].item() / count}
+    totals = distributed.sum_over_ranks(totals)
+    count = max(totals[0], 1.0)
+    metrics = {"eval/rewards/accuracies": totals[1] / count, "eval/rewards/margins": totals[2] / count}
     if not scored_by_head:  # a reward model has no log-probs of its own
-        metrics["eval/logps/accuracies"] = totals[3].item() / count
+        metrics["eval/logps/accuracies"] = totals[3] / count
     return metrics
 
 
@@ -92,8 +91,8 @@ def label_eval(policy_stats_fn: Callable, reference_stats_fn: Callable, make_bat
     z0 = kl_reference_point(kl_policy, kl_reference)
     ratio_B, weight_B = torch.cat(ratios) - z0, torch.cat(weights)
     signed_B = torch.where(torch.cat(labels), ratio_B, -ratio_B)
-    totals = distributed.all_reduce_sum(torch.stack([weight_B.sum(), (weight_B * win_share(signed_B)).sum()]))
-    return {"eval/kto/label_accuracy": totals[1].item() / max(totals[0].item(), 1.0), "eval/kto/kl": z0}
+    weight, wins = distributed.sum_over_ranks(torch.stack([weight_B.sum(), (weight_B * win_share(signed_B)).sum()]))
+    return {"eval/kto/label_accuracy": wins / max(weight, 1.0), "eval/kto/kl": z0}
 
 
 @torch.no_grad()
@@ -135,5 +134,5 @@ def generation_eval(model, tokenizer, prompts: list, encode_prompt: Callable, ta
             if weight and len(samples) < 4:
                 samples.append({"prompt": prompts[i][-1]["content"], "generation": text})
     model.train(was_training)
-    totals = distributed.all_reduce_sum(totals)
-    return {"eval/task_metric": totals[1].item() / max(totals[0].item(), 1.0)}, samples
+    weight, score = distributed.sum_over_ranks(totals)
+    return {"eval/task_metric": score / max(weight, 1.0)}, samples

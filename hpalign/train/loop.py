@@ -22,6 +22,7 @@ from hpalign.config import Config
 from hpalign.data.collate import SequenceBatch, example_lengths
 from hpalign.data.types import TokenizedExample
 from hpalign.train import distributed
+from hpalign.train import engine as engine_lib
 from hpalign.train.schedule import BatchPlan, all_step_indices, micro_batches_for_step
 
 logger = logging.getLogger("hpalign")
@@ -29,7 +30,11 @@ logger = logging.getLogger("hpalign")
 
 @dataclass
 class StepResult:
-    metrics: dict[str, float]
+    """One optimizer step's metrics, not yet reduced over ranks (see `metrics.MetricWindow`)."""
+
+    sums: dict[str, torch.Tensor]  # this rank's shares, on its device
+    shared: dict[str, torch.Tensor]  # already global (the gradient norm), on the device
+    host: dict[str, float]  # measured by this process: seconds, tokens/s, learning rate
     num_tokens: int  # the step's data tokens (prompt + response per sequence), all ranks
     seconds: float
 
@@ -89,12 +94,10 @@ def kl_examples(examples: list[TokenizedExample], plan: BatchPlan, step: int, *,
 def kl_reference_point(policy_logps: list[torch.Tensor], reference_logps: list[torch.Tensor]) -> float:
     """KTO's z0 = max(0, mean over the global batch of log pi(y'|x) - log ref(y'|x)), from this rank's
     log-probs of the mismatched completions (one tensor per micro-batch); one all-reduce."""
-    totals = torch.zeros(2, dtype=torch.float64)
-    for policy_B, reference_B in zip(policy_logps, reference_logps, strict=True):
-        kl_sum, count = losses.kto_kl_estimate(policy_B, reference_B)
-        totals += torch.stack([kl_sum.double().cpu(), count.double().cpu()])
-    totals = distributed.all_reduce_sum(totals)
-    return max(0.0, totals[0].item() / max(totals[1].item(), 1.0))
+    parts = [torch.stack(losses.kto_kl_estimate(policy_B, reference_B)).double()
+             for policy_B, reference_B in zip(policy_logps, reference_logps, strict=True)]
+    kl_sum, count = distributed.sum_over_ranks(torch.stack(parts).sum(0) if parts else torch.zeros(2))
+    return max(0.0, kl_sum / max(count, 1.0))
 
 
 def column(stats: SequenceStats, k: int) -> SequenceStats:
@@ -157,12 +160,15 @@ class PhaseTimer:
 def train_step(engine, *, algorithm: Algorithm, cfg: Config, micro_batches: list[SequenceBatch],
                counts: StepCounts, policy_stats: Callable[[SequenceBatch], SequenceStats],
                reference_stats: Callable[[SequenceBatch], SequenceStats] | None,
-               timer: PhaseTimer) -> dict[str, torch.Tensor]:
-    """Forward/backward every micro-batch of one optimizer step; returns this rank's metric sums."""
+               timer: PhaseTimer) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Forward/backward every micro-batch of one optimizer step. Returns this rank's metric sums
+    (tensors on the rank's device: nothing is synchronised here) and the global gradient norm
+    before clipping (None when DeepSpeed was told not to compute it)."""
     # DeepSpeed divides each backward by the accumulation steps and averages gradients over ranks;
     # our loss is already a share of the global mean, so undo both to get exactly the big-batch gradient.
-    scale = cfg.train.gradient_accumulation_steps * distributed.world_size()
+    scale = cfg.train.gradient_accumulation_steps * distributed.layout().data_parallel_size
     sums: dict[str, torch.Tensor] = {}
+    grad_norm = None
     for batch in micro_batches:
         reference = reference_stats(batch) if reference_stats is not None else None
         timer.lap("reference_forward")
@@ -171,31 +177,16 @@ def train_step(engine, *, algorithm: Algorithm, cfg: Config, micro_batches: list
         timer.lap("policy_forward")
         engine.backward(loss * scale)
         timer.lap("backward")
-        if engine.is_gradient_accumulation_boundary():
-            sums["grad_norm"] = _grad_norm_before_clipping(engine)
+        boundary = engine.is_gradient_accumulation_boundary()
+        norm_reading = engine_lib.read_grad_norm_before_step(engine) if boundary else None
         engine.step()
+        if boundary:
+            grad_norm = engine_lib.grad_norm_after_step(engine, norm_reading)
         timer.lap("optimizer")
         for name, value in {"loss": loss.detach(), **metrics}.items():
-            sums[name] = sums.get(name, 0.0) + value.detach().float().cpu()
-    return sums
-
-
-def _grad_norm_before_clipping(engine) -> torch.Tensor:
-    """The global gradient norm. ZeRO-2/3 compute it while clipping (read after the step, see
-    `run_step`); ZeRO-0 discards it, so it is computed here from the already all-reduced grads.
-    Returned divided by the world size so that summing over ranks gives the norm."""
-    if engine.zero_optimization_stage() != 0:
-        return torch.tensor(0.0)
-    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.tensor(0.0)
-    return norm.cpu() / distributed.world_size()
-
-
-def reduce_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
-    """One all-reduce for every metric of the step."""
-    names = sorted(sums)
-    values = distributed.all_reduce_sum(torch.stack([torch.as_tensor(sums[n]).reshape(()) for n in names]))
-    return {f"train/{name}": value for name, value in zip(names, values.tolist(), strict=True)}
+            value = value.detach().float()
+            sums[name] = sums[name] + value if name in sums else value
+    return sums, grad_norm
 
 
 def with_example_ids(batch: SequenceBatch, indices: list[int]) -> SequenceBatch:
@@ -207,34 +198,42 @@ def run_step(engine, *, algorithm: Algorithm, cfg: Config, plan: BatchPlan, step
              policy_stats, reference_stats) -> StepResult:
     start = time.perf_counter()
     timer = PhaseTimer(engine.device)
-    counts = step_counts(examples, all_step_indices(plan, step, seed=cfg.train.seed))
-    index_lists = micro_batches_for_step(plan, step, seed=cfg.train.seed, rank=distributed.rank())
+    global_indices = all_step_indices(plan, step, seed=cfg.train.seed)
+    counts = step_counts(examples, global_indices)
+    rank = distributed.layout().data_parallel_rank
+    index_lists = micro_batches_for_step(plan, step, seed=cfg.train.seed, rank=rank)
     micro_batches = [with_example_ids(collate([examples[i] for i in indices]), indices)
                      for indices in index_lists]
     timer.lap("data")
     if algorithm.estimates_kl:
-        mismatched = kl_examples(examples, plan, step, seed=cfg.train.seed, rank=distributed.rank(),
+        mismatched = kl_examples(examples, plan, step, seed=cfg.train.seed, rank=rank,
                                  max_length=cfg.data.max_length)
         size = plan.micro_batch_size
         rows = [[examples[i] for i in indices] for indices in index_lists]
         counts.kl_reference_point, reference_stats, policy_stats = kto_step_stats(
             micro_batches, rows, [mismatched[i:i + size] for i in range(0, len(mismatched), size)], collate,
             policy_stats, reference_stats, timer)
-    sums = train_step(engine, algorithm=algorithm, cfg=cfg, micro_batches=micro_batches, counts=counts,
-                      policy_stats=policy_stats, reference_stats=reference_stats, timer=timer)
+    sums, grad_norm = train_step(engine, algorithm=algorithm, cfg=cfg, micro_batches=micro_batches,
+                                 counts=counts, policy_stats=policy_stats, reference_stats=reference_stats,
+                                 timer=timer)
     # Throughput counts the data's tokens (prompt + response per sequence, as a padded trainer counts
     # its non-pad tokens); the share actually computed is below 1 when prompts are shared.
     local_examples = [examples[i] for indices in index_lists for i in indices]
     sums["num_tokens"] = torch.tensor(float(sum(example_lengths(local_examples))))
     sums["num_computed_tokens"] = torch.tensor(float(sum(int((b.seq_index >= 0).sum()) for b in micro_batches)))
-    metrics = reduce_metrics(sums)
-    num_tokens = int(metrics.pop("train/num_tokens"))
-    metrics["train/computed_token_share"] = metrics.pop("train/num_computed_tokens") / max(num_tokens, 1)
-    if engine.zero_optimization_stage() != 0:
-        metrics["train/grad_norm"] = float(engine.get_global_grad_norm())
-    metrics["train/learning_rate"] = engine.lr_scheduler.get_last_lr()[0]
+    num_tokens = sum(example_lengths([examples[i] for i in global_indices]))
     seconds = time.perf_counter() - start
-    metrics["train/tokens_per_second"] = num_tokens / max(seconds, 1e-9)
-    metrics["train/step_seconds"] = seconds
-    metrics.update({f"train/time/{phase}": value for phase, value in timer.seconds.items()})
-    return StepResult(metrics=metrics, num_tokens=num_tokens, seconds=seconds)
+    host = {"train/learning_rate": engine.lr_scheduler.get_last_lr()[0],
+            "train/tokens_per_second": num_tokens / max(seconds, 1e-9), "train/step_seconds": seconds,
+            **{f"train/time/{phase}": value for phase, value in timer.seconds.items()}}
+    return StepResult(sums={f"train/{name}": value for name, value in sums.items()},
+                      shared={} if grad_norm is None else {"train/grad_norm": grad_norm},
+                      host=host, num_tokens=num_tokens, seconds=seconds)
+
+
+def finish_window(metrics: dict[str, float]) -> dict[str, float]:
+    """The reduced window's derived metrics: the share of data tokens actually computed."""
+    num_tokens = metrics.pop("train/num_tokens", 0.0)
+    computed = metrics.pop("train/num_computed_tokens", 0.0)
+    metrics["train/computed_token_share"] = computed / max(num_tokens, 1.0)
+    return metrics

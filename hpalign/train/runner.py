@@ -19,7 +19,8 @@ from hpalign.config import Config
 from hpalign.data import builtin
 from hpalign.train import distributed
 from hpalign.train.evaluate import generation_eval, label_eval, preference_eval
-from hpalign.train.loop import TrainState, mismatched_completion, run_step
+from hpalign.train.loop import TrainState, finish_window, mismatched_completion, run_step
+from hpalign.train.metrics import MetricWindow
 from hpalign.train.session import (
     Session,
     build_session,
@@ -141,22 +142,21 @@ def train(session: Session, state: TrainState, metrics_logger: report.MetricsLog
     session.engine.train()
     bar = tqdm(total=session.num_steps, initial=state.global_step, desc=cfg.algorithm.rlhf_type,
                disable=not distributed.is_main(), dynamic_ncols=True)
-    window: list[dict[str, float]] = []  # metrics of the steps since the last log line
+    window = MetricWindow()  # the steps since the last log line, reduced over ranks once per line
     while state.global_step < session.num_steps:
         result = run_step(session.engine, algorithm=session.algorithm, cfg=cfg, plan=session.plan,
                           step=state.global_step, examples=session.data.train, collate=collate_examples,
                           policy_stats=policy_stats, reference_stats=reference_stats)
         state.global_step += 1
         step = state.global_step
-        result.metrics["train/epoch"] = step / session.plan.steps_per_epoch
+        window.add_step(sums=result.sums, shared=result.shared,
+                        host={**result.host, "train/epoch": step / session.plan.steps_per_epoch})
         bar.update(1)
-        bar.set_postfix(loss=f"{result.metrics['train/loss']:.4f}", tok_s=f"{result.metrics['train/tokens_per_second']:.0f}")
-        window.append(result.metrics)
         if step % cfg.train.logging_steps == 0 or step == session.num_steps:
-            averaged = average_metrics(window)
-            window.clear()
+            averaged = finish_window(window.reduce())
             metrics_logger.log(step, averaged)
             state.history.append({"step": step, **averaged})
+            bar.set_postfix(loss=f"{averaged['train/loss']:.4f}", tok_s=f"{averaged['train/tokens_per_second']:.0f}")
         if cfg.train.eval_steps and step % cfg.train.eval_steps == 0 and step < session.num_steps:
             eval_metrics, _ = evaluate(session, generate=False)  # generation only before and after
             metrics_logger.log(step, eval_metrics)
@@ -164,17 +164,6 @@ def train(session: Session, state: TrainState, metrics_logger: report.MetricsLog
         if step % cfg.train.save_steps == 0 or step == session.num_steps:
             save(session, state)
     bar.close()
-
-
-def average_metrics(window: list[dict[str, float]]) -> dict[str, float]:
-    """Mean of each metric over the logging window; the learning rate and epoch are the latest."""
-    averaged = {}
-    for name in window[-1]:
-        values = [m[name] for m in window if name in m]
-        averaged[name] = sum(values) / len(values)
-    for name in ("train/learning_rate", "train/epoch"):
-        averaged[name] = window[-1][name]
-    return averaged
 
 
 def save(session: Session, state: TrainState) -> Path:

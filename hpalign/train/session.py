@@ -187,7 +187,7 @@ def build_session(cfg: Config) -> Session:
         if reference is not None:
             enable_varlen_attention(reference)
     plan = BatchPlan(len(data.train), cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
-                     distributed.world_size())
+                     distributed.layout().data_parallel_size)
     num_steps = total_steps(plan, num_train_epochs=cfg.train.num_train_epochs, max_steps=cfg.train.max_steps)
     if plan.num_wrapped_per_epoch:
         logger.info("data: %d examples do not fill the last global batch of %d; it wraps around and "
@@ -201,9 +201,25 @@ def build_session(cfg: Config) -> Session:
         policy, ds_config=ds_config, learning_rate=cfg.train.learning_rate,
         weight_decay=cfg.train.weight_decay, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
         num_training_steps=num_steps, warmup_ratio=cfg.train.warmup_ratio)
+    device = distributed.layout().device
     if reference is not None:
-        reference = engine_lib.build_frozen_engine(reference, ds_config=ds_config)
+        reference = engine_lib.build_frozen_engine(reference, ds_config=ds_config, device=device)
+    check_models_on_device({"policy": engine.module, "reference": reference}, device)
     return Session(cfg, algorithm, run_dir, tokenizer, template, data, engine, reference, packed, plan, num_steps)
+
+
+def check_models_on_device(models: dict[str, torch.nn.Module | None], device: torch.device) -> None:
+    """RuntimeError naming every model with a parameter off the rank's `device` (ZeRO-3 partitions
+    are DeepSpeed's to place, on the device or, offloaded, on the CPU: not checked)."""
+    misplaced = []
+    for name, model in models.items():
+        if model is None:
+            continue
+        devices = {str(p.device) for p in model.parameters() if not hasattr(p, "ds_id") and p.device != device}
+        if devices:
+            misplaced.append(f"{name} has parameters on {', '.join(sorted(devices))}")
+    if misplaced:
+        raise RuntimeError(f"every model must be on this rank's device {device}: {'; '.join(misplaced)}")
 
 
 def stats_functions(session: Session):
@@ -212,14 +228,14 @@ def stats_functions(session: Session):
     forward = reward_stats if session.algorithm.forward == "reward" else sequence_stats
 
     def policy_stats(batch):
-        return forward(module, batch.to(session.engine.device), packed=session.packed)
+        return forward(module, batch.to(distributed.layout().device), packed=session.packed)
 
     if not session.algorithm.needs_reference:
         return policy_stats, None
 
     @torch.no_grad()
     def reference_stats(batch):
-        batch = batch.to(session.engine.device)
+        batch = batch.to(distributed.layout().device)
         if session.reference_table is not None and batch.example_ids is not None:
             logps_ER = session.reference_table[batch.example_ids.cpu()].to(batch.input_ids.device)
             return SequenceStats(logps_ER=logps_ER, num_tokens_ER=response_token_counts(batch))

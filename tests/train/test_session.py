@@ -35,3 +35,16 @@ def test_auto_checkpointing_follows_the_tokens_per_micro_batch(caplog):
 def test_an_explicit_setting_wins():
     assert decide_gradient_checkpointing(config(batch_size=1, checkpointing=True), pairs(5, 5))
     assert not decide_gradient_checkpointing(config(batch_size=64, checkpointing=False), pairs(500, 500))
+
+
+def test_a_model_off_the_rank_device_stops_the_run():
+    import pytest
+    import torch
+
+    from hpalign.train.session import check_models_on_device
+
+    on_cpu = torch.nn.Linear(2, 2)
+    check_models_on_device({"policy": on_cpu, "reference": None}, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="reference has parameters on cpu"):
+        check_models_on_device({"policy": on_cpu.to("meta"), "reference": torch.nn.Linear(2, 2)},
+                               torch.device("meta"))

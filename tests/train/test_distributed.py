@@ -1,0 +1,116 @@
+"""Where collective inputs live: the decision, the seam's check, and a whole run against a fake NCCL.
+
+A CPU machine cannot make CUDA tensors, so the fake backend communicates on the `meta` device: a
+stand-in for "not the CPU". Any metric, count or tally handed to a collective without being moved to
+the communication device first fails there, exactly as a CPU tensor fails under NCCL."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from hpalign.train import distributed
+from hpalign.train.distributed import Collectives, ProcessLayout, communication_device
+from hpalign.train.metrics import MetricWindow
+from tests.train.conftest import REPO, TINY_FLAGS
+
+
+def test_communication_device_follows_the_backend():
+    assert communication_device("nccl", torch.device("cuda", 3)) == torch.device("cuda", 3)
+    assert communication_device("gloo", torch.device("cuda", 1)) == torch.device("cpu")
+    assert communication_device("gloo", torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ValueError, match="NCCL backend needs a CUDA device"):
+        communication_device("nccl", torch.device("cpu"))
+
+
+def test_the_seam_refuses_tensors_off_the_communication_device():
+    seam = Collectives(ProcessLayout(communication_device=torch.device("meta")))
+    with pytest.raises(RuntimeError, match="communicates on meta"):
+        seam.all_reduce_sum(torch.ones(2))
+    assert seam.all_reduce_sum(torch.ones(2, device="meta")).device.type == "meta"
+
+
+class SumOfTwoRanks:
+    """A fake 2-rank backend on the CPU: every rank contributed the same values."""
+
+    device = torch.device("cpu")
+
+    def all_reduce_sum(self, tensor):
+        return tensor * 2
+
+
+def test_metric_window_reduces_once_and_averages(monkeypatch):
+    calls = []
+    seam = SumOfTwoRanks()
+    monkeypatch.setattr(seam, "all_reduce_sum", lambda t: calls.append(t.clone()) or t * 2, raising=False)
+    distributed.set_layout(ProcessLayout(world_size=2), seam)
+    try:
+        window = MetricWindow()
+        for step in range(3):
+            window.add_step(sums={"train/loss": torch.tensor(0.5 * step)},
+                            shared={"train/grad_norm": torch.tensor(2.0)},
+                            host={"train/step_seconds": step, "train/learning_rate": 0.1 * step})
+        metrics = window.reduce()
+    finally:
+        distributed.set_layout(ProcessLayout())
+    assert len(calls) == 1 and calls[0].numel() == 2  # one flat tensor for the whole window
+    assert metrics["train/loss"] == pytest.approx(2 * (0 + 0.5 + 1.0) / 3)  # summed over ranks, mean over steps
+    assert metrics["train/grad_norm"] == pytest.approx(2.0)  # already global: not summed over ranks
+    assert metrics["train/step_seconds"] == pytest.approx(1.0)
+    assert metrics["train/learning_rate"] == pytest.approx(0.2)  # the latest
+    assert window.num_steps == 0 and window.reduce() == {}
+
+
+DRIVER = textwrap.dedent('''
+    import dataclasses, sys, traceback
+    import torch
+    from hpalign.cli import build_config
+    from hpalign.train import distributed, run
+
+    class FakeNccl:
+        """Communicates on `meta` (a stand-in for CUDA); refuses anything else, as NCCL refuses CPU tensors."""
+        device = torch.device("meta")
+        callers = set()
+
+        def all_reduce_sum(self, tensor):
+            if tensor.device != self.device:
+                raise RuntimeError(f"fake NCCL: a collective was handed a tensor on {tensor.device}")
+            self.callers.update(frame.name for frame in traceback.extract_stack())
+            return torch.zeros(tensor.shape, dtype=tensor.dtype)  # one rank of zeros: values unused
+
+        def barrier(self):
+            pass
+
+        def broadcast_object(self, value):
+            return value
+
+    real_init = distributed.init_distributed
+
+    def init_with_fake_nccl():
+        layout = dataclasses.replace(real_init(), world_size=1, communication_device=torch.device("meta"))
+        distributed.set_layout(layout, FakeNccl())
+        return layout
+
+    distributed.init_distributed = init_with_fake_nccl
+    code = run(build_config(sys.argv[1:]))
+    print("CALLERS", sorted(FakeNccl.callers & {"reduce", "kl_reference_point", "preference_eval",
+                                                  "label_eval", "generation_eval"}))
+    sys.exit(code)
+''')
+
+
+@pytest.mark.slow
+def test_a_run_hands_every_collective_a_tensor_on_the_communication_device(tmp_path):
+    """Training steps (metric window, KTO's z0), held-out evaluation (pairs and KTO labels) and the
+    generation metric, on a backend that communicates somewhere other than where the model runs.
+    KTO's run goes through every call site DPO's does, and more."""
+    expected = ["generation_eval", "kl_reference_point", "label_eval", "preference_eval", "reduce"]
+    flags = ["--rlhf_type", "kto", *TINY_FLAGS, "--max_steps", "2", "--batch_size", "2",
+             "--output_dir", str(tmp_path), "--run_name", "fake-nccl"]
+    result = subprocess.run([sys.executable, "-c", DRIVER, *flags], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                                              "DS_ACCELERATOR": "cpu", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert f"CALLERS {expected}" in result.stdout, result.stdout[-2000:]
