@@ -1,11 +1,18 @@
 """Per-token log-probs: time and peak memory of each path, forward and forward + backward.
 
 Paths (all give logps_N = log softmax(logits)[label] per row):
-  naive         logits.float().log_softmax(-1).gather(...)           (what most trainers do)
-  torch         hpalign.ops.logprobs.token_logprobs(impl="torch")   (chunked fp32, the oracle)
-  cuda          hpalign.ops.logprobs.token_logprobs(impl="cuda")    (fused kernel, GPU only)
-  naive_hidden  lm_head(hidden).float().log_softmax(-1).gather(...)  (baseline for the next row)
-  hidden        hidden_logprobs(hidden, lm_head, labels)            (logits never all in memory)
+  naive             logits.float().log_softmax(-1).gather(...)     (what most trainers do)
+  torch             hpalign.ops.logprobs.token_logprobs(impl="torch")   (chunked fp32, the oracle)
+  cuda              hpalign.ops.logprobs.token_logprobs(impl="cuda")    (fused kernel, GPU only)
+  naive_hidden      lm_head(hidden).float().log_softmax(-1).gather(...)  (baseline for the rows below)
+  linear_keep       linear_token_logprobs(hidden, W, labels, keep_logits=True)   (one matmul, logits kept)
+  linear_recompute  linear_token_logprobs(..., keep_logits=False)   (chunks recomputed in backward)
+  hidden            hidden_logprobs(hidden, lm_head, labels)      (nn.Linear head: linear_recompute,
+                                                                   chunk_rows=1024)
+  hidden_module     hidden_logprobs with a head whose forward is its own (a LoRA-wrapped head's path:
+                    module + token_logprobs per chunk under activation checkpointing)
+  liger_hidden      -liger_fused_linear_cross_entropy(hidden, W, labels, reduction="none") (Liger's
+                    fused linear cross-entropy, CUDA + Triton; only where liger-kernel imports)
 The hidden rows include the lm_head matmul (width --hidden), so compare them with each other.
 
 Memory, stated exactly. `peak MiB` is the growth of the peak during one forward + backward over
@@ -48,11 +55,26 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a source checkout
-from hpalign.ops.logprobs import hidden_logprobs, token_logprobs  # noqa: E402
+from hpalign.ops.linear_logprobs import hidden_logprobs, linear_token_logprobs  # noqa: E402
+from hpalign.ops.logprobs import token_logprobs  # noqa: E402
 
 IGNORE_INDEX = -100
 LOGITS_PATHS = ("naive", "torch", "cuda")
-HIDDEN_PATHS = ("naive_hidden", "hidden")
+HIDDEN_PATHS = ("naive_hidden", "linear_keep", "linear_recompute", "hidden", "hidden_module", "liger_hidden")
+
+
+def liger_available() -> bool:
+    """Liger's kernels are Triton on CUDA: the path runs only there, with liger-kernel installed."""
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+def liger_logps(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
+    """Per-token log-probs from Liger's fused linear cross-entropy (its per-token loss is -logp)."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return -liger_fused_linear_cross_entropy(hidden_NH, weight_VH, labels_N, reduction="none")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -90,6 +112,13 @@ def naive_logps(logits_NV: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor
     return torch.where(labels_N != IGNORE_INDEX, picked_N, picked_N.new_zeros(()))
 
 
+class ModuleHead(torch.nn.Linear):
+    """A Linear with its own forward: hidden_logprobs treats it as any module (a LoRA-wrapped head)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
 def build_step(cfg: Config) -> tuple[Callable[[], torch.Tensor], Callable[[], None]]:
     """(forward, forward + backward) closures over freshly made inputs for one configuration."""
     dtype, device = DTYPES[cfg.dtype], torch.device(cfg.device)
@@ -106,12 +135,18 @@ def build_step(cfg: Config) -> tuple[Callable[[], torch.Tensor], Callable[[], No
             forward = lambda: token_logprobs(logits_NV, labels_N, impl=impl)  # noqa: E731
     else:
         hidden_NH = torch.randn(cfg.num_rows, cfg.hidden, device=device, dtype=dtype).requires_grad_()
-        lm_head = torch.nn.Linear(cfg.hidden, cfg.vocab, bias=False, device=device, dtype=dtype)
+        head_cls = ModuleHead if cfg.path == "hidden_module" else torch.nn.Linear
+        lm_head = head_cls(cfg.hidden, cfg.vocab, bias=False, device=device, dtype=dtype)
         params = [hidden_NH, *lm_head.parameters()]
-        if cfg.path == "hidden":
-            forward = lambda: hidden_logprobs(hidden_NH, lm_head, labels_N)  # noqa: E731
-        else:
-            forward = lambda: naive_logps(lm_head(hidden_NH), labels_N)  # noqa: E731
+        forward = {
+            "naive_hidden": lambda: naive_logps(lm_head(hidden_NH), labels_N),
+            "linear_keep": lambda: linear_token_logprobs(hidden_NH, lm_head.weight, labels_N, keep_logits=True),
+            "linear_recompute": lambda: linear_token_logprobs(hidden_NH, lm_head.weight, labels_N,
+                                                              keep_logits=False),
+            "hidden": lambda: hidden_logprobs(hidden_NH, lm_head, labels_N),
+            "hidden_module": lambda: hidden_logprobs(hidden_NH, lm_head, labels_N),
+            "liger_hidden": lambda: liger_logps(hidden_NH, lm_head.weight, labels_N),
+        }[cfg.path]
 
     def forward_backward() -> None:
         (forward() * grad_N).sum().backward()
@@ -328,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     valid = LOGITS_PATHS + HIDDEN_PATHS
-    paths = args.paths or [p for p in valid if p != "cuda" or device == "cuda"]
+    runnable = {"cuda": device == "cuda", "liger_hidden": device == "cuda" and liger_available()}
+    paths = args.paths or [p for p in valid if runnable.get(p, True)]
     unknown = set(paths) - set(valid)
     if unknown:
         raise ValueError(f"unknown --paths {sorted(unknown)}; choose from {valid}")

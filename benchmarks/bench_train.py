@@ -80,6 +80,7 @@ class RunResult:
     first_step: dict[str, float]  # step-1 loss and tokens (+ logps where logged)
     peak_rss_mib: float
     wall_seconds: float
+    peak_gpu_mib: float | None = None  # torch.cuda.max_memory_allocated of the run, GPU only
 
 
 @dataclass
@@ -93,6 +94,12 @@ class Summary:
     phase_shares: dict[str, float]  # share of the timed step time per phase
     runs: list[RunResult] = field(default_factory=list)
     mfu: float | None = None  # model FLOPs utilisation, GPU only
+    peak_gpu_mib: float | None = None  # max over the runs, GPU only
+
+    @property
+    def peak_memory_mib(self) -> float:
+        """The memory that limits a run: the GPU's on a GPU, the host's otherwise."""
+        return self.peak_gpu_mib if self.peak_gpu_mib is not None else self.peak_rss_mib
 
 
 # ----------------------------------------------------------------------------- data
@@ -295,7 +302,9 @@ def trl_command(args: argparse.Namespace, model_dir: Path, tmp_dir: Path, run_na
 
 def run_child(command: list[str], log_path: Path, *, threads: int | None) -> tuple[float, float]:
     """Runs one child to the end; (the peak RSS of it or its largest descendant in MiB, wall seconds)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    # The repository first, then whatever the caller had (e.g. wheels installed with --target).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               TOKENIZERS_PARALLELISM="false")
     env.setdefault("DS_ACCELERATOR", "cuda" if device_slug()[:3] != "cpu" else "cpu")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -319,6 +328,8 @@ def read_hpalign_steps(run_dir: Path) -> list[dict]:
                 "tokens": round(r["train/tokens_per_second"] * r["train/step_seconds"])}
         step.update({f"time/{p}": r[f"train/time/{p}"] for p in PHASES if f"train/time/{p}" in r})
         step.update({k: r[f"train/{k}"] for k in ("logps/chosen", "logps/rejected") if f"train/{k}" in r})
+        if "train/gpu_peak_memory_mib" in r:
+            step["peak_gpu_mib"] = r["train/gpu_peak_memory_mib"]
         steps.append(step)
     return steps
 
@@ -334,6 +345,7 @@ def run_once(args: argparse.Namespace, model_dir: Path, tmp_dir: Path, *, tool: 
         steps = [json.loads(line) for line in (tmp_dir / run_name / "steps.jsonl").read_text().splitlines()]
     else:
         steps = read_hpalign_steps(tmp_dir / run_name)
+    gpu_peaks = [s["peak_gpu_mib"] for s in steps if s.get("peak_gpu_mib") is not None]
     first = {k: v for k, v in steps[0].items() if k in ("loss", "tokens", "logps/chosen", "logps/rejected")}
     if len(steps) > 1:  # after one update: informative with full fine-tuning (LoRA's random A differs)
         first["step2_loss"] = steps[1]["loss"]
@@ -344,7 +356,7 @@ def run_once(args: argparse.Namespace, model_dir: Path, tmp_dir: Path, *, tool: 
             if key.startswith("time/"):
                 phases[key[5:]] = phases.get(key[5:], 0.0) + value
     return RunResult(tool, repeat, [s["seconds"] for s in timed], [s["tokens"] for s in timed], phases, first,
-                     rss_mib, wall)
+                     rss_mib, wall, max(gpu_peaks) if gpu_peaks else None)
 
 
 # ----------------------------------------------------------------------------- results
@@ -379,8 +391,10 @@ def summarise(runs: list[RunResult], *, tool: str, examples_per_step: int) -> Su
             phases[phase] = phases.get(phase, 0.0) + value
     shares = {phase: value / seconds for phase, value in phases.items()}
     shares["other"] = max(0.0, 1.0 - sum(shares.values()))
+    gpu_peaks = [r.peak_gpu_mib for r in mine if r.peak_gpu_mib is not None]
     return Summary(tool, tokens / seconds, examples_per_step * num_steps / seconds, seconds / num_steps,
-                   max(r.peak_rss_mib for r in mine), num_steps, shares, mine)
+                   max(r.peak_rss_mib for r in mine), num_steps, shares, mine,
+                   peak_gpu_mib=max(gpu_peaks) if gpu_peaks else None)
 
 
 # Dense bf16 peak FLOP/s per GPU (vendor spec sheets, without sparsity).
@@ -419,7 +433,7 @@ def ratio_rows(summaries: list[Summary]) -> list[tuple[str, float, float, float]
         return []
     trl = by["trl"]
     return [(s.tool, s.tokens_per_second / trl.tokens_per_second, s.seconds_per_step / trl.seconds_per_step,
-             s.peak_rss_mib / trl.peak_rss_mib) for s in summaries if s.tool != "trl"]
+             s.peak_memory_mib / trl.peak_memory_mib) for s in summaries if s.tool != "trl"]
 
 
 def markdown_table(summaries: list[Summary], header: str, check: dict | None = None) -> str:
@@ -427,7 +441,7 @@ def markdown_table(summaries: list[Summary], header: str, check: dict | None = N
     for s in summaries:
         mfu = f"{100 * s.mfu:.1f} %" if s.mfu is not None else "-"
         lines.append(f"| {s.tool} | {s.tokens_per_second:.0f} | {s.examples_per_second:.3f} | "
-                     f"{s.seconds_per_step:.2f} | {s.peak_rss_mib:.0f} | {s.num_timed_steps} | {mfu} |")
+                     f"{s.seconds_per_step:.2f} | {s.peak_memory_mib:.0f} | {s.num_timed_steps} | {mfu} |")
     for tool, speed, step, memory in ratio_rows(summaries):
         lines.append(f"| {tool} / TRL | {speed:.2f}x | {speed:.2f}x | {step:.2f}x | {memory:.2f}x | | |")
     text = header + "\n\n" + "\n".join(lines) + "\n\n" + phase_table(summaries)

@@ -291,6 +291,16 @@ def run_trl(spec: dict) -> None:
     trainer.train()
     out = Path(spec["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
+    peak_gpu = _peak_gpu_mib()
     with (out / "steps.jsonl").open("w") as handle:
         for k, step in enumerate(recorder.steps):  # sequential sampler: step k = rows [k * size, (k + 1) * size)
-            handle.write(json.dumps({**step, "tokens": sum(lengths[k * size:(k + 1) * size])}) + "\n")
+            step = {**step, "tokens": sum(lengths[k * size:(k + 1) * size])}
+            if peak_gpu is not None:  # the run's peak (the allocator keeps no per-step maximum here)
+                step["peak_gpu_mib"] = peak_gpu
+            handle.write(json.dumps(step) + "\n")
+
+
+def _peak_gpu_mib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None

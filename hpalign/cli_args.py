@@ -313,4 +313,6 @@ def parse_config(argv: Sequence[str], *, prog: str = "hpalign rlhf",
     values = values_from_file(config_path) if config_path else {}
     values.update(cli_values)
     _apply_forced(values, forced or {}, prog)
-    return config_from_values(values)
+    cfg = config_from_values(values)
+    cfg.user_set = frozenset(values) - frozenset(forced or {})
+    return cfg

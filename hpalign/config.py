@@ -18,7 +18,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass
@@ -36,7 +36,9 @@ class ModelConfig:
     torch_dtype: str = field(
         default="auto", metadata={"help": "auto (bf16 on GPUs that support it, else fp32), bfloat16, float16, float32."})
     attn_impl: str = field(
-        default="auto", metadata={"help": "Attention backend: auto, sdpa, eager, flash_attention_2."})
+        default="auto", metadata={"help": "Attention backend: auto (flash_attention_2 on CUDA with flash-attn "
+                                  "and 16-bit weights, else sdpa), sdpa, flash_attention_2, or eager (needs "
+                                  "--packing false: packed rows attend per sequence through sdpa or flash-attn)."})
     ref_model: str | None = field(
         default=None, metadata={"help": "Reference model directory (default: the policy's starting weights)."})
 
@@ -96,7 +98,10 @@ class AlgorithmConfig:
         default=0.0, metadata={"help": "RM: weight of the reward-centring term (r_c + r_r)^2 (arXiv 2312.09244)."})
     precompute_ref_log_probs: bool = field(
         default=False, metadata={"help": "Run the reference once over the data and cache its log-probs."})
-    logprob_impl: str = field(default="auto", metadata={"help": "Per-token log-prob path: auto, cuda, torch."})
+    logprob_impl: str = field(
+        default="auto", metadata={"help": "Per-token log-prob op behind the LM head: auto (the CUDA kernel of csrc/ "
+                                  "when it is built and tensors are on CUDA, else torch), cuda (fail at start-up "
+                                  "if the kernel is not built), or torch (the chunked torch path)."})
 
 
 @dataclass
@@ -129,6 +134,11 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=lambda: ["none"], metadata={"help": "none, wandb, tensorboard."})
     eval_before_train: bool = field(default=True, metadata={"help": "Evaluate the held-out split before training."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: all cores)."})
+    disable_dropout: bool | None = field(
+        default=None, metadata={"help": "Set every dropout probability of the policy and reference to 0 (the "
+                                "model's, attention's and LoRA's). Default: on for the algorithms with a "
+                                "reference model (DPO, KTO), as TRL does: the adapter-off reference is then "
+                                "deterministic and the shared-prompt layout exact; off for the others."})
 
 
 @dataclass
@@ -159,6 +169,10 @@ class PPOConfig:
 
 @dataclass
 class Config:
+    # Names of the fields the user set (flag or config file), filled by `hpalign.cli_args.parse_config`:
+    # a setting another one overrides is then a warning instead of silence. Not a field: never dumped.
+    user_set: ClassVar[frozenset[str]] = frozenset()
+
     model: ModelConfig = field(default_factory=ModelConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -329,10 +343,17 @@ def _ppo_errors(p: PPOConfig) -> list[str]:
     return errors
 
 
+def _cross_errors(cfg: Config) -> list[str]:
+    if cfg.model.attn_impl == "eager" and cfg.data.packing:
+        return ["--attn_impl eager cannot attend per sequence inside packed rows; use --attn_impl sdpa or "
+                "flash_attention_2 with packing, or --packing false for eager attention."]
+    return []
+
+
 def validate(cfg: Config) -> None:
     """Raise one ValueError listing every invalid setting of `cfg`, each with what to do."""
     errors = (_model_errors(cfg.model, cfg.tuning) + _data_errors(cfg.data) + _algorithm_errors(cfg.algorithm)
-              + _train_errors(cfg.train) + _ppo_errors(cfg.ppo))
+              + _train_errors(cfg.train) + _ppo_errors(cfg.ppo) + _cross_errors(cfg))
     if errors:
         raise ValueError("invalid configuration:\n  - " + "\n  - ".join(errors))
 

@@ -12,6 +12,7 @@ from hpalign.models.access import (
     is_peft_model,
     unwrap_model,
 )
+from hpalign.models.dropout import disable_dropout
 from hpalign.models.loading import (
     ensure_pad_token,
     load_policy,
@@ -48,7 +49,7 @@ from hpalign.models.value_head import ValueHead, load_value_head, save_value_hea
 __all__ = [
     "SMOLLM2_NAME", "TINY_NAME", "ModelSource", "RewardModel", "ValueHead", "is_reward_model",
     "load_reward_model", "split_reward_state_dict", "apply_lora", "base_causal_lm",
-    "cache_root", "decoder_and_head", "ensure_pad_token", "ensure_smollm2_cached", "frozen_copy",
+    "cache_root", "decoder_and_head", "disable_dropout", "ensure_pad_token", "ensure_smollm2_cached", "frozen_copy",
     "hidden_size", "is_peft_model", "linear_module_names", "load_policy", "load_reference",
     "load_tokenizer", "load_value_head", "lora_target_names", "reference_forward_context",
     "resolve_attn_impl", "resolve_dtype", "resolve_model", "save_pretrained_weights",

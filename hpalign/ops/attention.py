@@ -398,6 +398,17 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
+VARLEN_BACKEND_OF_ATTN_IMPL = {"auto": "auto", "sdpa": "sdpa_per_sequence", "flash_attention_2": "flash_varlen"}
+
+
+def varlen_backend(attn_impl: str) -> str:
+    """The packed-attention backend that honours `--attn_impl` (eager has no per-sequence form)."""
+    if attn_impl not in VARLEN_BACKEND_OF_ATTN_IMPL:
+        raise ValueError(f"--attn_impl {attn_impl!r} cannot run packed rows; use one of "
+                         f"{', '.join(VARLEN_BACKEND_OF_ATTN_IMPL)}, or --packing false")
+    return VARLEN_BACKEND_OF_ATTN_IMPL[attn_impl]
+
+
 def enable_varlen_attention(model: torch.nn.Module, *, backend: str = "auto") -> str:
     """Switch `model` (a transformers model, possibly peft- or DeepSpeed-wrapped) to varlen attention.
 

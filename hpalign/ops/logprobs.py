@@ -9,8 +9,8 @@ torch path's chunk size: `default_chunk_rows`, at most 64 MiB):
   is `auto | cuda | torch` (`auto` logs its choice the first time); `torch` is the chunked
   reference, also the test oracle for the CUDA op in `hpalign.ops.cuda_ext`.
 - `token_logprobs_and_entropy(...)`: the same plus the entropy of each row.
-- `hidden_logprobs(hidden_NH, lm_head, labels_N)`: from final hidden states, so the logits never
-  exist for all rows at once (the Cut-Cross-Entropy idea), and ignored rows are never projected.
+- From hidden states and the LM head (the logits never exist for all rows at once):
+  `hpalign.ops.linear_logprobs`.
 
 Rows whose label is -100 give log-prob 0 (and entropy 0) and a zero gradient. Outputs are fp32.
 """
@@ -21,7 +21,6 @@ import logging
 
 import torch
 from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import checkpoint
 
 logger = logging.getLogger("hpalign")
 
@@ -240,49 +239,3 @@ def token_logprobs_and_entropy(
 
         return cuda_token_logprobs_with_entropy(logits_NV, labels_N.long())
     return _ChunkedTokenLogprobs.apply(logits_NV, labels_N, chunk_rows, True)
-
-
-def _chunk_logps(hidden_CH: torch.Tensor, labels_C: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
-    logits_CV = lm_head(hidden_CH).float()
-    return logits_CV.gather(1, labels_C[:, None]).squeeze(1) - torch.logsumexp(logits_CV, dim=-1)
-
-
-def hidden_logprobs(
-    hidden_NH: torch.Tensor, lm_head: torch.nn.Module, labels_N: torch.Tensor, *, chunk_rows: int = 1024
-) -> torch.Tensor:
-    """Per-token log-probs straight from final hidden states: logps[n] = log softmax(lm_head(h_n))[y_n].
-
-    Only rows with labels_N != -100 are projected. They go through `lm_head` `chunk_rows` at a
-    time, each chunk under non-reentrant activation checkpointing, so neither the forward nor the
-    saved activations ever hold more than one [chunk_rows, V] block of logits: the backward
-    recomputes each chunk's logits. `lm_head` is called as a module (never its `.weight`), so
-    DeepSpeed ZeRO-3 hooks gather its parameters, in the forward and in the recompute.
-
-    Args:
-        hidden_NH: [N, H] final hidden states (after the final norm), any float dtype.
-        lm_head: module mapping [C, H] -> [C, V] (e.g. `model.lm_head` or `model.get_output_embeddings()`).
-        labels_N: [N] int target ids; -100 = ignored.
-        chunk_rows: rows per chunk.
-
-    Returns:
-        logps_N: [N] fp32, 0 at ignored rows; differentiable w.r.t. hidden_NH and lm_head's parameters.
-    """
-    if hidden_NH.dim() != 2 or labels_N.shape != hidden_NH.shape[:1]:
-        raise ValueError(
-            f"expected hidden [N, H] and labels [N], got {tuple(hidden_NH.shape)} and {tuple(labels_N.shape)}"
-        )
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    kept_M = (labels_N != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync: sizes the chunks
-    hidden_MH = hidden_NH.index_select(0, kept_M)
-    labels_M = labels_N.index_select(0, kept_M)
-    pieces = []
-    for start in range(0, hidden_MH.shape[0], chunk_rows):
-        args = (hidden_MH[start : start + chunk_rows], labels_M[start : start + chunk_rows], lm_head)
-        if torch.is_grad_enabled():
-            pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
-        else:  # e.g. the reference model: nothing is saved anyway
-            pieces.append(_chunk_logps(*args))
-    logps_M = torch.cat(pieces) if pieces else hidden_NH.new_zeros(0, dtype=torch.float32)
-    logps_N = torch.zeros(labels_N.shape[0], dtype=torch.float32, device=hidden_NH.device)
-    return logps_N.index_copy(0, kept_M, logps_M)

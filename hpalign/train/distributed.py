@@ -115,12 +115,12 @@ def init_distributed() -> ProcessLayout:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     cuda = torch.cuda.is_available()
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = rank_device(cuda_available=cuda, local_rank=local_rank)
-    if device.type == "cuda":
+    if device.type == "cuda":  # before the group exists: NCCL binds each rank to the current device
         torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     backend = dist.get_backend()
     set_layout(ProcessLayout(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                              backend=backend, device=device,

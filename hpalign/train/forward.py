@@ -1,8 +1,8 @@
 """From a `SequenceBatch` to per-sequence response log-probs, without ever building N x V logits.
 
 The backbone runs on the (packed or padded) rows; only hidden states at positions that carry a
-label go through the LM head, chunk by chunk (`hidden_logprobs`), and a segment sum folds token
-log-probs into per-sequence sums. The same function serves policy and reference.
+label go through the LM head and the fused log-prob op (`response_logprobs`), and a segment sum
+folds token log-probs into per-sequence sums. The same function serves policy and reference.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hpalign.algorithms import SequenceStats
 from hpalign.data.collate import SequenceBatch
 from hpalign.model import decoder_and_head
 from hpalign.ops.attention import packed_forward_kwargs
-from hpalign.ops.logprobs import hidden_logprobs, token_logprobs
+from hpalign.ops.linear_logprobs import hidden_logprobs, is_plain_linear, linear_token_logprobs
 from hpalign.ops.segments import segment_count, segment_sum
 
 
@@ -23,40 +23,52 @@ def backbone_kwargs(batch: SequenceBatch, *, packed: bool) -> dict:
     return {"attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
 
 
-# Above this many bytes of fp32 logits for the labelled tokens, log-probs come chunk by chunk from the
-# hidden states (the N x V logits never exist); below it one LM-head matmul on the labelled rows and the
-# fused chunked log-softmax are faster (measured 1.4-1.8x on CPU, benchmarks/results/logprobs_*).
-DIRECT_LOGITS_BYTES = 512 * 2**20
-
-
 def _zero3_partitioned(module: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
-def _vocab_size(head: torch.nn.Module) -> int:
-    return int(getattr(head, "out_features", 0) or head.weight.shape[0])
+def run_as_forward(module: torch.nn.Module, fn, *args):
+    """`fn(*args)` called as `module`'s forward: the hooks DeepSpeed ZeRO-3 put on the module
+    gather its parameters for the call, and again before the result's backward, then release them.
+    How the fused LM-head log-prob op reads a partitioned head weight without pinning a copy."""
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        del module.forward
 
 
-def response_logprobs(hidden_NH: torch.Tensor, head: torch.nn.Module, labels_N: torch.Tensor) -> torch.Tensor:
-    """log p(label) [N] (0 where label == -100), from hidden states, computing logits only for the
-    tokens that carry a label. Long responses go through `hidden_logprobs` (bounded memory). ZeRO-3
-    always takes the direct path: the LM head's weight exists only inside its own forward hooks, so
-    the chunk-wise activation checkpoint (which re-runs the head in backward) cannot be used there."""
-    keep_N = labels_N != -100
-    logits_bytes = int(keep_N.sum()) * _vocab_size(head) * 4
-    if logits_bytes > DIRECT_LOGITS_BYTES and not _zero3_partitioned(head):
-        return hidden_logprobs(hidden_NH, head, labels_N)
-    logps_K = token_logprobs(head(hidden_NH[keep_N]), labels_N[keep_N])
-    return torch.zeros(labels_N.shape, dtype=logps_K.dtype, device=logps_K.device).masked_scatter(keep_N, logps_K)
+def response_logprobs(hidden_NH: torch.Tensor, head: torch.nn.Module, labels_N: torch.Tensor, *,
+                      impl: str = "auto") -> torch.Tensor:
+    """log p(label) [N] (0 where label == -100), computing logits only for labelled tokens, with the
+    fused log-prob op (`impl`: auto | cuda | torch) at every size and ZeRO stage: a linear head goes
+    through `linear_token_logprobs` (one matmul's logits kept while they take at most 512 MiB as
+    fp32, else chunks recomputed in the backward, so no [tokens, vocab] tensor exists); under
+    ZeRO-3 it runs as the head's own forward, so the weight is gathered once per forward (and once
+    for the backward), never per chunk. Any other head (LoRA on the LM head) goes chunk by chunk
+    through the module (`hidden_logprobs`)."""
+    if not is_plain_linear(head):
+        return hidden_logprobs(hidden_NH, head, labels_N, impl=impl)
+    kept_M = (labels_N != -100).nonzero().squeeze(1)  # one host sync: sizes the chunks
+    hidden_MH, labels_M = hidden_NH.index_select(0, kept_M), labels_N.index_select(0, kept_M)
+
+    def logps_of(hidden):
+        return linear_token_logprobs(hidden, head.weight, labels_M, bias_V=head.bias, impl=impl)
+
+    logps_M = run_as_forward(head, logps_of, hidden_MH) if _zero3_partitioned(head) else logps_of(hidden_MH)
+    logps_N = torch.zeros(labels_N.shape, dtype=torch.float32, device=hidden_NH.device)
+    return logps_N.index_copy(0, kept_M, logps_M)
 
 
-def sequence_stats(model: torch.nn.Module, batch: SequenceBatch, *, packed: bool) -> SequenceStats:
-    """Summed response log-probs and token counts per sequence, shaped [E, R]."""
+def sequence_stats(model: torch.nn.Module, batch: SequenceBatch, *, packed: bool,
+                   logprob_impl: str = "auto") -> SequenceStats:
+    """Summed response log-probs and token counts per sequence, shaped [E, R]; `logprob_impl` is
+    --logprob_impl (auto | cuda | torch)."""
     decoder, head = decoder_and_head(model)
     outputs = decoder(input_ids=batch.input_ids, use_cache=False, **backbone_kwargs(batch, packed=packed))
     hidden_NH = outputs.last_hidden_state.flatten(0, 1)
     labels_N = batch.labels.flatten()
-    token_logps_N = response_logprobs(hidden_NH, head, labels_N)
+    token_logps_N = response_logprobs(hidden_NH, head, labels_N, impl=logprob_impl)
     seq_ids_N = batch.seq_index.flatten()
     logps_S = segment_sum(token_logps_N, seq_ids_N, batch.num_sequences)
     counts_S = segment_count(seq_ids_N, labels_N != -100, batch.num_sequences).to(logps_S.dtype)

@@ -107,7 +107,7 @@ def column(stats: SequenceStats, k: int) -> SequenceStats:
 
 def kto_step_stats(micro_batches: list[SequenceBatch], rows: list[list[TokenizedExample]],
                    mismatched: list[list[TokenizedExample]], collate, policy_stats, reference_stats,
-                   timer: PhaseTimer) -> tuple[float, Callable, Callable]:
+                   timer: PhaseTimer, *, table_reference_stats=None) -> tuple[float, Callable, Callable]:
     """KTO's z0 for the step, and stats functions serving each micro-batch's rows.
 
     Each row and its mismatched completion share the prompt, so they are forwarded as one
@@ -117,12 +117,18 @@ def kto_step_stats(micro_batches: list[SequenceBatch], rows: list[list[Tokenized
     gets zero gradient and the result is exact, and the prompt is not run through the policy twice.
     With accumulation, z0 must be known before the first micro-batch's loss, so the policy's KL
     log-probs come from a no-grad pass over every micro-batch first.
+    With --precompute_ref_log_probs (`table_reference_stats`), the rows' reference log-probs come
+    from the table and only the mismatched pairs, new at every step, run through the reference.
     Returns (z0, reference_stats, policy_stats) for `train_step`."""
     combined = [collate([dataclasses.replace(row, responses=[row.responses[0], kl.responses[0]])
                          for row, kl in zip(own, other, strict=True)])
                 for own, other in zip(rows, mismatched, strict=True)]
     row_reference, kl_reference = {}, []
-    for batch, both in zip(micro_batches, combined, strict=True):
+    for batch, both, other in zip(micro_batches, combined, mismatched, strict=True):
+        if table_reference_stats is not None:
+            row_reference[id(batch)] = table_reference_stats(batch)
+            kl_reference.append(reference_stats(collate(other)).logps_ER[:, 0])
+            continue
         stats = reference_stats(both)
         row_reference[id(batch)] = column(stats, 0)
         kl_reference.append(stats.logps_ER[:, 1])
@@ -195,7 +201,9 @@ def with_example_ids(batch: SequenceBatch, indices: list[int]) -> SequenceBatch:
 
 def run_step(engine, *, algorithm: Algorithm, cfg: Config, plan: BatchPlan, step: int,
              examples: list[TokenizedExample], collate: Callable[[list[TokenizedExample]], SequenceBatch],
-             policy_stats, reference_stats) -> StepResult:
+             policy_stats, reference_stats, table_reference_stats=None) -> StepResult:
+    """One optimizer step. `reference_stats` is the live reference; `table_reference_stats`, when
+    given, serves the training rows from --precompute_ref_log_probs' table instead."""
     start = time.perf_counter()
     timer = PhaseTimer(engine.device)
     global_indices = all_step_indices(plan, step, seed=cfg.train.seed)
@@ -212,7 +220,9 @@ def run_step(engine, *, algorithm: Algorithm, cfg: Config, plan: BatchPlan, step
         rows = [[examples[i] for i in indices] for indices in index_lists]
         counts.kl_reference_point, reference_stats, policy_stats = kto_step_stats(
             micro_batches, rows, [mismatched[i:i + size] for i in range(0, len(mismatched), size)], collate,
-            policy_stats, reference_stats, timer)
+            policy_stats, reference_stats, timer, table_reference_stats=table_reference_stats)
+    elif table_reference_stats is not None:
+        reference_stats = table_reference_stats
     sums, grad_norm = train_step(engine, algorithm=algorithm, cfg=cfg, micro_batches=micro_batches,
                                  counts=counts, policy_stats=policy_stats, reference_stats=reference_stats,
                                  timer=timer)
@@ -226,6 +236,8 @@ def run_step(engine, *, algorithm: Algorithm, cfg: Config, plan: BatchPlan, step
     host = {"train/learning_rate": engine.lr_scheduler.get_last_lr()[0],
             "train/tokens_per_second": num_tokens / max(seconds, 1e-9), "train/step_seconds": seconds,
             **{f"train/time/{phase}": value for phase, value in timer.seconds.items()}}
+    if engine.device.type == "cuda":  # the allocator's own counter: no device sync
+        host["train/gpu_peak_memory_mib"] = torch.cuda.max_memory_allocated(engine.device) / 2**20
     return StepResult(sums={f"train/{name}": value for name, value in sums.items()},
                       shared={} if grad_norm is None else {"train/grad_norm": grad_norm},
                       host=host, num_tokens=num_tokens, seconds=seconds)

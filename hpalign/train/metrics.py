@@ -17,7 +17,7 @@ import torch
 
 from hpalign.train import distributed
 
-LATEST = ("train/learning_rate", "train/epoch")
+LATEST = ("train/learning_rate", "train/epoch", "train/gpu_peak_memory_mib")
 
 
 class MetricWindow:

@@ -29,6 +29,7 @@ from hpalign.train.session import (
     seed_everything,
     session_collate,
     stats_functions,
+    training_reference_stats,
 )
 
 logger = logging.getLogger("hpalign")
@@ -138,6 +139,7 @@ def log_samples(samples: list[dict[str, str]], title: str) -> None:
 def train(session: Session, state: TrainState, metrics_logger: report.MetricsLogger) -> None:
     cfg = session.cfg
     policy_stats, reference_stats = stats_functions(session)
+    table_stats = training_reference_stats(session) if session.reference_table is not None else None
     collate_examples = session_collate(session)
     session.engine.train()
     bar = tqdm(total=session.num_steps, initial=state.global_step, desc=cfg.algorithm.rlhf_type,
@@ -146,7 +148,8 @@ def train(session: Session, state: TrainState, metrics_logger: report.MetricsLog
     while state.global_step < session.num_steps:
         result = run_step(session.engine, algorithm=session.algorithm, cfg=cfg, plan=session.plan,
                           step=state.global_step, examples=session.data.train, collate=collate_examples,
-                          policy_stats=policy_stats, reference_stats=reference_stats)
+                          policy_stats=policy_stats, reference_stats=reference_stats,
+                          table_reference_stats=table_stats)
         state.global_step += 1
         step = state.global_step
         window.add_step(sums=result.sums, shared=result.shared,

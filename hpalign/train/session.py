@@ -19,13 +19,14 @@ from hpalign.data import collate, templates
 from hpalign.model import (
     RewardModel,
     apply_lora,
+    disable_dropout,
     frozen_copy,
     load_policy,
     load_tokenizer,
     resolve_dtype,
     uses_adapter_reference,
 )
-from hpalign.ops.attention import enable_varlen_attention
+from hpalign.ops.attention import enable_varlen_attention, varlen_backend
 from hpalign.train import distributed
 from hpalign.train import engine as engine_lib
 from hpalign.train.datasets import PreparedData, prepare_data
@@ -110,17 +111,47 @@ def decide_gradient_checkpointing(cfg: Config, examples: list) -> bool:
 def build_models(cfg: Config, algorithm: Algorithm, dtype: torch.dtype):
     """(policy, frozen reference or None). With LoRA the reference is the policy with the adapter
     off, so no second copy exists; full fine-tuning keeps a frozen copy of the starting weights."""
-    policy = load_policy(cfg.model.model, dtype=dtype, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    attn_impl = cfg.model.attn_impl
+    policy = load_policy(cfg.model.model, dtype=dtype, attn_impl=attn_impl,
+                         gradient_checkpointing=cfg.train.gradient_checkpointing)
     reference = None
     if algorithm.needs_reference and (cfg.tuning.sft_type == "full" or cfg.model.ref_model):
-        source = load_policy(cfg.model.ref_model, dtype=dtype) if cfg.model.ref_model else policy
+        source = load_policy(cfg.model.ref_model, dtype=dtype, attn_impl=attn_impl) if cfg.model.ref_model else policy
         reference = frozen_copy(source)
     if cfg.tuning.sft_type == "lora":
         policy = apply_lora(policy, targets=cfg.tuning.lora_target_modules, rank=cfg.tuning.lora_rank,
                             alpha=cfg.tuning.lora_alpha, dropout=cfg.tuning.lora_dropout)
     if algorithm.forward == "reward":
         policy = RewardModel.with_new_head(policy, seed=cfg.train.seed)
+    if cfg.train.disable_dropout:
+        switch_dropout_off(policy, reference, cfg)
     return policy, reference
+
+
+def decide_disable_dropout(cfg: Config, algorithm: Algorithm) -> bool:
+    """--disable_dropout as given; unset, on exactly for the algorithms with a reference model."""
+    return algorithm.needs_reference if cfg.train.disable_dropout is None else cfg.train.disable_dropout
+
+
+def switch_dropout_off(policy: torch.nn.Module, reference: torch.nn.Module | None, cfg: Config) -> None:
+    num_changed = disable_dropout(policy) + (disable_dropout(reference) if reference is not None else 0)
+    logger.info("dropout off in %d places of the policy and reference (--disable_dropout true)", num_changed)
+    if "lora_dropout" in cfg.user_set and cfg.tuning.sft_type == "lora" and cfg.tuning.lora_dropout > 0:
+        logger.warning("--lora_dropout %g has no effect: --disable_dropout is on (the default with a "
+                       "reference model); pass --disable_dropout false to keep dropout", cfg.tuning.lora_dropout)
+
+
+def check_logprob_impl(impl: str) -> None:
+    """Fail before any model loads when --logprob_impl cuda cannot run here."""
+    if impl != "cuda":
+        return
+    from hpalign.ops import cuda_ext
+
+    try:
+        cuda_ext.require_extension()
+    except RuntimeError as err:
+        raise ValueError(f"--logprob_impl cuda: {err}. Build the extension on a GPU machine (csrc/README.md) "
+                         "or pass --logprob_impl auto (uses it when it is built) or torch.") from err
 
 
 def make_collate(*, pad_id: int, packed: bool, max_tokens: int | None, share_prompt: bool = False):
@@ -168,10 +199,9 @@ def report_kto_balance(examples: list, cfg: Config) -> None:
 
 def build_session(cfg: Config) -> Session:
     algorithm = get_algorithm(cfg.algorithm.rlhf_type)
+    check_logprob_impl(cfg.algorithm.logprob_impl)
     run_dir = make_run_dir(cfg)
     setup_logging(run_dir)
-    if distributed.is_main():
-        save_config(cfg, run_dir / "config.yaml")
     logger.info("run directory: %s", run_dir)
     tokenizer = load_tokenizer(cfg.model.model)
     template = templates.resolve_template(tokenizer, cfg.model.template, cfg.model.model_type)
@@ -180,12 +210,17 @@ def build_session(cfg: Config) -> Session:
         report_kto_balance(data.train, cfg)
     dtype = resolve_dtype(cfg.model.torch_dtype)
     cfg.train.gradient_checkpointing = decide_gradient_checkpointing(cfg, data.train)
+    cfg.train.disable_dropout = decide_disable_dropout(cfg, algorithm)
+    if distributed.is_main():  # the resolved config, every decision above included
+        save_config(cfg, run_dir / "config.yaml")
     policy, reference = build_models(cfg, algorithm, dtype)
     packed = cfg.data.packing
     if packed:
-        logger.info("packing on: attention backend %s", enable_varlen_attention(getattr(policy, "lm", policy)))
+        backend = varlen_backend(cfg.model.attn_impl)
+        logger.info("packing on: attention backend %s",
+                    enable_varlen_attention(getattr(policy, "lm", policy), backend=backend))
         if reference is not None:
-            enable_varlen_attention(reference)
+            enable_varlen_attention(reference, backend=backend)
     plan = BatchPlan(len(data.train), cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
                      distributed.layout().data_parallel_size)
     num_steps = total_steps(plan, num_train_epochs=cfg.train.num_train_epochs, max_steps=cfg.train.max_steps)
@@ -223,29 +258,46 @@ def check_models_on_device(models: dict[str, torch.nn.Module | None], device: to
 
 
 def stats_functions(session: Session):
-    """(policy_stats, reference_stats or None) closures over the session's models."""
+    """(policy_stats, reference_stats or None) closures over the session's models. The reference
+    here is always the live model; training batches may read the precomputed table instead
+    (`training_reference_stats`)."""
     module = session.engine.module
-    forward = reward_stats if session.algorithm.forward == "reward" else sequence_stats
+    impl = session.cfg.algorithm.logprob_impl
+    device = distributed.layout().device
 
     def policy_stats(batch):
-        return forward(module, batch.to(distributed.layout().device), packed=session.packed)
+        if session.algorithm.forward == "reward":
+            return reward_stats(module, batch.to(device), packed=session.packed)
+        return sequence_stats(module, batch.to(device), packed=session.packed, logprob_impl=impl)
 
     if not session.algorithm.needs_reference:
         return policy_stats, None
 
     @torch.no_grad()
     def reference_stats(batch):
-        batch = batch.to(distributed.layout().device)
-        if session.reference_table is not None and batch.example_ids is not None:
-            logps_ER = session.reference_table[batch.example_ids.cpu()].to(batch.input_ids.device)
-            return SequenceStats(logps_ER=logps_ER, num_tokens_ER=response_token_counts(batch))
+        batch = batch.to(device)
         if session.reference is not None:
-            return sequence_stats(session.reference, batch, packed=session.packed)
+            return sequence_stats(session.reference, batch, packed=session.packed, logprob_impl=impl)
         assert uses_adapter_reference(module)
         with module.disable_adapter():
-            return sequence_stats(module, batch, packed=session.packed)
+            return sequence_stats(module, batch, packed=session.packed, logprob_impl=impl)
 
     return policy_stats, reference_stats
+
+
+def training_reference_stats(session: Session):
+    """The reference of training batches: --precompute_ref_log_probs' table, looked up by the
+    batch's example ids (which index the TRAINING set: held-out batches never come here)."""
+    table = session.reference_table
+    device = distributed.layout().device
+
+    def from_table(batch):
+        if batch.example_ids is None:
+            raise ValueError("a training batch without example ids cannot read the reference table")
+        logps_ER = table[batch.example_ids.cpu()].to(device)
+        return SequenceStats(logps_ER=logps_ER, num_tokens_ER=response_token_counts(batch.to(device)))
+
+    return from_table
 
 
 def configure_threads(cfg: Config) -> None:

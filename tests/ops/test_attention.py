@@ -18,7 +18,7 @@ from hpalign.ops.attention import (
     packed_forward_kwargs,
     register_varlen_attention,
 )
-from hpalign.ops.logprobs import hidden_logprobs
+from hpalign.ops.linear_logprobs import hidden_logprobs
 from hpalign.ops.segments import segment_count, segment_sum
 from hpalign.tiny_model import build_tiny_llama
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hpalign.ops import logprobs as lp
-from hpalign.ops.logprobs import hidden_logprobs, token_logprobs, token_logprobs_and_entropy
+from hpalign.ops.logprobs import token_logprobs, token_logprobs_and_entropy
 
 IGNORE = -100
 
@@ -134,76 +134,6 @@ def test_bad_arguments_raise_value_error():
         token_logprobs(logits[None], labels)
     with pytest.raises(ValueError, match="chunk_rows"):
         token_logprobs(logits, labels, chunk_rows=0)
-
-
-class CountingHead(torch.nn.Linear):
-    """An LM head that records the row count of every call (forward and recompute)."""
-
-    def __init__(self, hidden: int, vocab: int):
-        super().__init__(hidden, vocab, bias=False)
-        self.calls: list[int] = []
-
-    def forward(self, x):
-        self.calls.append(x.shape[0])
-        return super().forward(x)
-
-
-@pytest.mark.parametrize("num_rows,vocab,chunk_rows", [(50, 1001, 8), (33, 7, 1024), (20, 1, 3)])
-def test_hidden_logprobs_matches_reference(num_rows, vocab, chunk_rows):
-    torch.manual_seed(0)
-    hidden_size = 16
-    head = CountingHead(hidden_size, vocab)
-    hidden = torch.randn(num_rows, hidden_size, requires_grad=True)
-    labels = torch.randint(0, vocab, (num_rows,))
-    labels[::3] = IGNORE
-    grad_out = torch.randn(num_rows)
-
-    logps = hidden_logprobs(hidden, head, labels, chunk_rows=chunk_rows)
-    grads = torch.autograd.grad(logps, (hidden, head.weight), grad_out)
-
-    ref_hidden = hidden.detach().double().requires_grad_()
-    ref_weight = head.weight.detach().double().requires_grad_()
-    ref_logps, _ = reference(ref_hidden @ ref_weight.t(), labels)
-    ref_grads = torch.autograd.grad(ref_logps, (ref_hidden, ref_weight), grad_out.double())
-    torch.testing.assert_close(logps.double(), ref_logps.detach(), atol=1e-5, rtol=1e-5)
-    for got, want in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
-    assert (logps[labels == IGNORE] == 0).all() and (grads[0][labels == IGNORE] == 0).all()
-    # Only kept rows are projected, chunk by chunk, once in the forward and once in the recompute.
-    num_kept = int((labels != IGNORE).sum())
-    assert max(head.calls) <= chunk_rows and sum(head.calls) == 2 * num_kept
-
-
-def test_hidden_logprobs_never_saves_full_logits():
-    num_rows, hidden_size, vocab = 256, 8, 300
-    head = torch.nn.Linear(hidden_size, vocab, bias=False)
-    hidden = torch.randn(num_rows, hidden_size, requires_grad=True)
-    labels = torch.randint(0, vocab, (num_rows,))
-    saved: list[torch.Size] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(t.shape)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logps = hidden_logprobs(hidden, head, labels, chunk_rows=32)
-    assert saved, "the hook saw nothing: the test would prove nothing"
-    assert max(s.numel() for s in saved) < num_rows * vocab
-    assert all(s.numel() <= max(num_rows * hidden_size, 32 * vocab) for s in saved)
-    logps.sum().backward()
-    assert head.weight.grad is not None and hidden.grad is not None
-
-
-def test_hidden_logprobs_without_grad_and_bf16():
-    torch.manual_seed(1)
-    head = torch.nn.Linear(8, 40, bias=False).to(torch.bfloat16)
-    hidden = torch.randn(10, 8).to(torch.bfloat16)
-    labels = torch.randint(0, 40, (10,))
-    with torch.no_grad():
-        logps = hidden_logprobs(hidden, head, labels, chunk_rows=4)
-    want = reference(head(hidden).float(), labels)[0]
-    torch.testing.assert_close(logps.double(), want, atol=1e-5, rtol=1e-5)
-    assert logps.dtype == torch.float32
 
 
 def test_default_chunk_rows_follows_the_byte_budget():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.conftest import TINY_FLAGS, run_cli, train_records
+from tests.train.conftest import TINY_FLAGS, eval_records, run_cli, train_records
 
 pytestmark = pytest.mark.slow
 
@@ -71,13 +71,22 @@ def test_two_rank_zero3_matches_single_process(tmp_path, preset):
     _assert_close(_losses(tmp_path / "single"), _losses(tmp_path / "ranks"), 1e-4)
 
 
-def test_precomputed_reference_equals_live_reference(tmp_path, monkeypatch):
+@pytest.mark.parametrize("rlhf_type", ["dpo", "kto"])
+def test_precomputed_reference_equals_live_reference(tmp_path, monkeypatch, rlhf_type):
+    """Training losses AND held-out metrics: held-out batches must never read the training table
+    (their example ids index the held-out set); KTO reads its rows from the table and runs only the
+    step's mismatched KL pairs through the reference."""
     monkeypatch.setenv("HPALIGN_CACHE", str(tmp_path / "cache"))
-    flags = [*COMMON, "--output_dir", str(tmp_path), "--max_steps", "3", "--batch_size", "2"]
+    flags = ["--rlhf_type", rlhf_type, *TUNING, "--output_dir", str(tmp_path), "--max_steps", "3", "--batch_size", "2"]
     run_cli([*flags, "--run_name", "live"])
     run_cli([*flags, "--run_name", "cached", "--precompute_ref_log_probs", "true"])
     assert list((tmp_path / "cache" / "reference_logps").glob("*.safetensors"))
     _assert_close(_losses(tmp_path / "live"), _losses(tmp_path / "cached"), 1e-5)
+    held_out = {name: eval_records(tmp_path / name)[-1] for name in ("live", "cached")}
+    metrics = [k for k in held_out["live"] if k.startswith("eval/")]
+    assert "eval/rewards/accuracies" in metrics and (rlhf_type == "dpo" or "eval/kto/label_accuracy" in metrics)
+    for name in metrics:
+        assert held_out["cached"][name] == pytest.approx(held_out["live"][name], abs=1e-5), name
     # a rerun loads the cache instead of recomputing
     result = run_cli([*flags, "--run_name", "again", "--precompute_ref_log_probs", "true"])
     assert "reference log-probs loaded" in result.stderr
