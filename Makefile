@@ -20,4 +20,4 @@ test-fast: setup
 
 lint:
 	@echo "[lint] ruff"
-	$(PYTHON) -m ruff check hpalign launch tests benchmarks
+	$(PYTHON) -m ruff check hpalign launch tests benchmarks scripts

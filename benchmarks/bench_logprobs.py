@@ -365,6 +365,9 @@ def main(argv: list[str] | None = None) -> None:
     valid = LOGITS_PATHS + HIDDEN_PATHS
     runnable = {"cuda": device == "cuda", "liger_hidden": device == "cuda" and liger_available()}
     paths = args.paths or [p for p in valid if runnable.get(p, True)]
+    if "liger_hidden" in paths and not runnable["liger_hidden"]:  # an optional opponent: say so, go on
+        print("liger_hidden skipped: it needs CUDA and the liger-kernel package", file=sys.stderr)
+        paths = [p for p in paths if p != "liger_hidden"]
     unknown = set(paths) - set(valid)
     if unknown:
         raise ValueError(f"unknown --paths {sorted(unknown)}; choose from {valid}")

@@ -303,7 +303,11 @@ def training_reference_stats(session: Session):
 def configure_threads(cfg: Config) -> None:
     if torch.cuda.is_available():
         return
-    threads = cfg.train.num_threads or max(1, (os.cpu_count() or 1) // distributed.world_size())
+    # The cores are shared by this machine's processes only: deepspeed's launcher exports LOCAL_SIZE,
+    # torchrun LOCAL_WORLD_SIZE.
+    local = os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE")
+    local_processes = int(local) if local else distributed.world_size()
+    threads = cfg.train.num_threads or max(1, (os.cpu_count() or 1) // local_processes)
     torch.set_num_threads(threads)
 
 
