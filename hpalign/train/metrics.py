@@ -44,7 +44,9 @@ class MetricWindow:
         if not self.num_steps:
             return {}
         sum_names, shared_names = sorted(self.sums), sorted(self.shared)
-        values = [self.sums[n] for n in sum_names] + [self.shared[n] for n in shared_names]
+        # Counts known on the host and sums made on the GPU meet on the communication device.
+        device = distributed.collectives().device
+        values = [self.sums[n].to(device) for n in sum_names] + [self.shared[n].to(device) for n in shared_names]
         totals = distributed.sum_over_ranks(torch.stack(values)) if values else []
         world = distributed.layout().data_parallel_size
         metrics = {name: total / self.num_steps for name, total in zip(sum_names, totals, strict=False)}

@@ -63,6 +63,29 @@ def test_metric_window_reduces_once_and_averages(monkeypatch):
     assert window.num_steps == 0 and window.reduce() == {}
 
 
+class FakeNcclOnMeta:
+    """Communicates on `meta`, as NCCL does on the GPU; returns zeros (values are not the point)."""
+
+    device = torch.device("meta")
+
+    def all_reduce_sum(self, tensor):
+        if tensor.device != self.device:
+            raise RuntimeError(f"a collective was handed a tensor on {tensor.device}")
+        return torch.zeros(tensor.shape, dtype=tensor.dtype)
+
+
+def test_metric_window_gathers_host_counts_and_device_sums_on_the_communication_device():
+    """On a GPU the losses are CUDA tensors and the token counts CPU ones: one flat tensor of both."""
+    distributed.set_layout(ProcessLayout(communication_device=torch.device("meta")), FakeNcclOnMeta())
+    try:
+        window = MetricWindow()
+        window.add_step(sums={"train/loss": torch.tensor(1.0, device="meta"), "train/num_tokens": torch.tensor(7.0)},
+                        shared={"train/grad_norm": torch.tensor(2.0, device="meta")}, host={})
+        assert set(window.reduce()) == {"train/loss", "train/num_tokens", "train/grad_norm"}
+    finally:
+        distributed.set_layout(ProcessLayout())
+
+
 DRIVER = textwrap.dedent('''
     import dataclasses, sys, traceback
     import torch
