@@ -31,7 +31,7 @@ def test_dry_run_lists_every_stage_with_its_timeout_and_runs_nothing(gc, tmp_pat
     assert "cuda_ext.load_extension(verbose=True)" in text
     assert "-m pytest -q -m gpu" in text
     assert text.count("-m deepspeed.launcher.runner --num_gpus 1 ") == 8
-    assert "bench_logprobs.py --n 2048 8192 16384 --vocab 49152 128256 --dtype bf16" in text
+    assert "bench_logprobs.py --n 8192 16384 --vocab 49152 128256 --dtype bf16" in text
     assert "--peak_gbps" in text
     assert "bench_train.py --rlhf_type dpo --sft_type lora --model random-llama-1b --vs trl" in text
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
