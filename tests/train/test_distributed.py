@@ -130,7 +130,7 @@ def test_a_run_hands_every_collective_a_tensor_on_the_communication_device(tmp_p
     generation metric, on a backend that communicates somewhere other than where the model runs.
     KTO's run goes through every call site DPO's does, and more."""
     expected = ["generation_eval", "kl_reference_point", "label_eval", "preference_eval", "reduce"]
-    flags = ["--rlhf_type", "kto", *TINY_FLAGS, "--max_steps", "2", "--batch_size", "2",
+    flags = ["--rlhf_type", "kto", *TINY_FLAGS, "--max_steps", "1", "--batch_size", "2", "--eval_before_train", "false",
              "--output_dir", str(tmp_path), "--run_name", "fake-nccl"]
     result = subprocess.run([sys.executable, "-c", DRIVER, *flags], cwd=REPO, capture_output=True, text=True,
                             timeout=300, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
