@@ -258,12 +258,11 @@ def learning_rate(args: argparse.Namespace) -> float:
 
 def algorithm_settings(rlhf_type: str) -> dict:
     """hpalign's defaults for the algorithm, given to both tools."""
-    from hpalign.config import DEFAULT_BETA, AlgorithmConfig
+    from hpalign.hyperparams import CPOParams, KTOParams, SimPOParams, default_params
 
-    defaults = AlgorithmConfig()
-    return {"beta": DEFAULT_BETA.get(rlhf_type), "cpo_alpha": defaults.cpo_alpha, "simpo_gamma": defaults.simpo_gamma,
-            "desirable_weight": defaults.desirable_weight, "undesirable_weight": defaults.undesirable_weight,
-            "rpo_alpha": 0.0}
+    return {"beta": getattr(default_params(rlhf_type), "beta", None), "cpo_alpha": CPOParams.cpo_alpha,
+            "simpo_gamma": SimPOParams.simpo_gamma, "desirable_weight": KTOParams.desirable_weight,
+            "undesirable_weight": KTOParams.undesirable_weight, "rpo_alpha": 0.0}
 
 
 def hpalign_command(args: argparse.Namespace, model_dir: Path, tmp_dir: Path, run_name: str,

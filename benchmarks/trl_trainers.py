@@ -133,10 +133,10 @@ def _extra(spec: dict, names: tuple[str, ...]) -> dict:
     values = {}
     for name in names:
         if name == "beta":
-            from hpalign.algorithms import get_algorithm
+            from hpalign.hyperparams import default_params
 
             beta = spec["beta"]
-            values["beta"] = beta if beta is not None else get_algorithm(spec["rlhf_type"]).default_beta
+            values["beta"] = beta if beta is not None else default_params(spec["rlhf_type"]).beta
         elif name == "rpo_alpha":  # TRL's RPO: the "sft" loss (chosen NLL, per-token mean) with weight alpha
             alpha = spec["rpo_alpha"] or 0.0
             values.update({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, alpha]} if alpha

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hpalign import hyperparams as hp
 from hpalign import losses
-from hpalign.config import AlgorithmConfig
 
 
 @dataclass
@@ -46,8 +46,9 @@ class StepCounts:
 
 
 Metrics = dict[str, torch.Tensor]
-Objective = Callable[[SequenceStats, "SequenceStats | None", StepCounts, AlgorithmConfig],
-                     tuple[torch.Tensor, Metrics]]
+# (policy stats, reference stats or None, the step's global counts, the algorithm's hyper-parameters:
+# an instance of its dataclass in hpalign.hyperparams) -> (loss, metrics)
+Objective = Callable[[SequenceStats, "SequenceStats | None", StepCounts, object], tuple[torch.Tensor, Metrics]]
 
 
 def _per_example(metrics_B: Metrics, counts: StepCounts) -> Metrics:
@@ -62,41 +63,41 @@ def _with_chosen_nll(loss: torch.Tensor, metrics: Metrics, policy: SequenceStats
     return (loss + weight * nll if weight else loss), metrics
 
 
-def dpo_objective(policy, reference, counts, cfg):
+def dpo_objective(policy, reference, counts, params):
     losses_B, metrics_B = losses.dpo_losses(
         policy.logps_ER[:, 0], policy.logps_ER[:, 1], reference.logps_ER[:, 0], reference.logps_ER[:, 1],
-        beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
+        beta=params.beta, loss_type=params.loss_type, label_smoothing=params.label_smoothing)
     loss = losses_B.sum() / counts.num_examples
-    return _with_chosen_nll(loss, _per_example(metrics_B, counts), policy, counts, cfg.rpo_alpha)
+    return _with_chosen_nll(loss, _per_example(metrics_B, counts), policy, counts, params.rpo_alpha)
 
 
-def cpo_objective(policy, reference, counts, cfg):
+def cpo_objective(policy, reference, counts, params):
     losses_B, metrics_B = losses.cpo_losses(
-        policy.logps_ER[:, 0], policy.logps_ER[:, 1], beta=cfg.beta, label_smoothing=cfg.label_smoothing)
+        policy.logps_ER[:, 0], policy.logps_ER[:, 1], beta=params.beta, label_smoothing=params.label_smoothing)
     loss = losses_B.sum() / counts.num_examples
-    return _with_chosen_nll(loss, _per_example(metrics_B, counts), policy, counts, cfg.cpo_alpha)
+    return _with_chosen_nll(loss, _per_example(metrics_B, counts), policy, counts, params.cpo_alpha)
 
 
-def simpo_objective(policy, reference, counts, cfg):
+def simpo_objective(policy, reference, counts, params):
     mean_ER = policy.mean_logps_ER
     losses_B, metrics_B = losses.simpo_losses(
-        mean_ER[:, 0], mean_ER[:, 1], beta=cfg.beta, gamma=cfg.simpo_gamma,
-        label_smoothing=cfg.label_smoothing)
+        mean_ER[:, 0], mean_ER[:, 1], beta=params.beta, gamma=params.simpo_gamma,
+        label_smoothing=params.label_smoothing)
     loss = losses_B.sum() / counts.num_examples
-    return _with_chosen_nll(loss, _per_example(metrics_B, counts), policy, counts, cfg.cpo_alpha)
+    return _with_chosen_nll(loss, _per_example(metrics_B, counts), policy, counts, params.cpo_alpha)
 
 
-def orpo_objective(policy, reference, counts, cfg):
+def orpo_objective(policy, reference, counts, params):
     mean_ER = policy.mean_logps_ER
-    losses_B, metrics_B = losses.orpo_losses(mean_ER[:, 0], mean_ER[:, 1], beta=cfg.beta)
+    losses_B, metrics_B = losses.orpo_losses(mean_ER[:, 0], mean_ER[:, 1], beta=params.beta)
     loss = losses_B.sum() / counts.num_examples
     return _with_chosen_nll(loss, _per_example(metrics_B, counts), policy, counts, 1.0)
 
 
-def kto_objective(policy, reference, counts, cfg):
+def kto_objective(policy, reference, counts, params):
     losses_B, metrics_B = losses.kto_losses(
         policy.logps_ER[:, 0], reference.logps_ER[:, 0], counts.kl_reference_point, policy.labels_E,
-        beta=cfg.beta, desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
+        beta=params.beta, desirable_weight=params.desirable_weight, undesirable_weight=params.undesirable_weight)
     loss = losses_B.sum() / counts.num_examples
     per_label = {"chosen": max(counts.num_desirable, 1.0), "rejected": max(counts.num_undesirable, 1.0)}
     metrics = {}
@@ -109,15 +110,15 @@ def kto_objective(policy, reference, counts, cfg):
     return loss, metrics
 
 
-def reward_objective(policy, reference, counts, cfg):
+def reward_objective(policy, reference, counts, params):
     rewards_ER = policy.rewards_ER
     losses_B, metrics_B = losses.reward_losses(
         rewards_ER[:, 0], rewards_ER[:, 1], margins_B=policy.margins_E,
-        center_rewards_coefficient=cfg.center_rewards_coefficient)
+        center_rewards_coefficient=params.center_rewards_coefficient)
     return losses_B.sum() / counts.num_examples, _per_example(metrics_B, counts)
 
 
-def sft_objective(policy, reference, counts, cfg):
+def sft_objective(policy, reference, counts, params):
     nll = -policy.logps_ER.sum() / counts.num_tokens
     return nll, {"nll_loss": nll.detach()}
 
@@ -128,21 +129,25 @@ class Algorithm:
     objective: Objective
     data_kind: str  # "pair" | "kto" | "sft"
     needs_reference: bool
-    default_beta: float | None
     paper: str
     forward: str = "logps"  # "logps": response log-probs; "reward": value-head score of the last token
     estimates_kl: bool = False  # KTO: z0 from mismatched (prompt, completion) pairs of the global batch
     generates: bool = True  # the held-out task metric needs a generative model
 
+    @property
+    def params(self) -> type:
+        """Its hyper-parameters' dataclass (hpalign.hyperparams): their names and defaults."""
+        return hp.HYPERPARAMS[self.name]
+
 
 ALGORITHMS: dict[str, Algorithm] = {
-    "dpo": Algorithm("dpo", dpo_objective, "pair", True, 0.1, "arXiv 2305.18290"),
-    "cpo": Algorithm("cpo", cpo_objective, "pair", False, 0.1, "arXiv 2401.08417"),
-    "simpo": Algorithm("simpo", simpo_objective, "pair", False, 2.0, "arXiv 2405.14734"),
-    "orpo": Algorithm("orpo", orpo_objective, "pair", False, 0.1, "arXiv 2403.07691"),
-    "sft": Algorithm("sft", sft_objective, "sft", False, None, "supervised fine-tuning"),
-    "kto": Algorithm("kto", kto_objective, "kto", True, 0.1, "arXiv 2402.01306", estimates_kl=True),
-    "rm": Algorithm("rm", reward_objective, "pair", False, None, "arXiv 2203.02155",
+    "dpo": Algorithm("dpo", dpo_objective, "pair", True, "arXiv 2305.18290"),
+    "cpo": Algorithm("cpo", cpo_objective, "pair", False, "arXiv 2401.08417"),
+    "simpo": Algorithm("simpo", simpo_objective, "pair", False, "arXiv 2405.14734"),
+    "orpo": Algorithm("orpo", orpo_objective, "pair", False, "arXiv 2403.07691"),
+    "sft": Algorithm("sft", sft_objective, "sft", False, "supervised fine-tuning"),
+    "kto": Algorithm("kto", kto_objective, "kto", True, "arXiv 2402.01306", estimates_kl=True),
+    "rm": Algorithm("rm", reward_objective, "pair", False, "arXiv 2203.02155",
                     forward="reward", generates=False),
 }
 

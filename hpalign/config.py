@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from hpalign.hyperparams import HYPERPARAMS, all_param_names, default_params, param_names
+
 
 @dataclass
 class ModelConfig:
@@ -84,18 +86,25 @@ class DataConfig:
 
 @dataclass
 class AlgorithmConfig:
+    """The flags of every offline algorithm, flat as the seed document has them. The algorithm-
+    specific ones default to None: `resolve_defaults` fills what the chosen algorithm reads from its
+    dataclass in `hpalign.hyperparams` (the one source of defaults), and leaves the others unset."""
+
     rlhf_type: str = field(default="dpo", metadata={"help": "dpo, kto, cpo, orpo, simpo, rm, ppo or sft."})
     beta: float | None = field(
-        default=None, metadata={"help": "KL strength (DPO, KTO, CPO 0.1; SimPO 2.0); ORPO's lambda."})
-    rpo_alpha: float = field(default=1.0, metadata={"help": "DPO: weight of the NLL loss on the chosen answer."})
-    loss_type: str = field(default="sigmoid", metadata={"help": "DPO loss: sigmoid, ipo or hinge."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "DPO conservative label smoothing."})
-    cpo_alpha: float = field(default=1.0, metadata={"help": "CPO / SimPO: NLL weight."})
-    simpo_gamma: float = field(default=1.0, metadata={"help": "SimPO reward margin."})
-    desirable_weight: float = field(default=1.0, metadata={"help": "KTO lambda_D."})
-    undesirable_weight: float = field(default=1.0, metadata={"help": "KTO lambda_U."})
-    center_rewards_coefficient: float = field(
-        default=0.0, metadata={"help": "RM: weight of the reward-centring term (r_c + r_r)^2 (arXiv 2312.09244)."})
+        default=None, metadata={"help": "KL strength (default: DPO, KTO, CPO 0.1; SimPO 2.0); ORPO's lambda (0.1)."})
+    rpo_alpha: float | None = field(
+        default=None, metadata={"help": "DPO: weight of the NLL loss on the chosen answer (default 1.0)."})
+    loss_type: str | None = field(default=None, metadata={"help": "DPO loss: sigmoid (default), ipo or hinge."})
+    label_smoothing: float | None = field(
+        default=None, metadata={"help": "DPO, CPO, SimPO: conservative label smoothing (default 0)."})
+    cpo_alpha: float | None = field(default=None, metadata={"help": "CPO / SimPO: NLL weight (default 1.0)."})
+    simpo_gamma: float | None = field(default=None, metadata={"help": "SimPO reward margin (default 1.0)."})
+    desirable_weight: float | None = field(default=None, metadata={"help": "KTO lambda_D (default 1.0)."})
+    undesirable_weight: float | None = field(default=None, metadata={"help": "KTO lambda_U (default 1.0)."})
+    center_rewards_coefficient: float | None = field(
+        default=None, metadata={"help": "RM: weight of the reward-centring term (r_c + r_r)^2 (arXiv 2312.09244; "
+                                "default 0)."})
     precompute_ref_log_probs: bool = field(
         default=False, metadata={"help": "Run the reference once over the data and cache its log-probs."})
     logprob_impl: str = field(
@@ -207,9 +216,7 @@ FLAG_ALIASES: dict[str, str] = {
 # Defaults that depend on other fields
 # ---------------------------------------------------------------------------------------------
 
-RLHF_TYPES: tuple[str, ...] = ("dpo", "kto", "cpo", "orpo", "simpo", "rm", "ppo", "sft")
-# The swift document's beta defaults; ORPO passes its lambda as --beta. rm/ppo/sft have no beta.
-DEFAULT_BETA: dict[str, float] = {"dpo": 0.1, "kto": 0.1, "cpo": 0.1, "orpo": 0.1, "simpo": 2.0}
+RLHF_TYPES: tuple[str, ...] = tuple(HYPERPARAMS)
 DEFAULT_LEARNING_RATE: dict[str, float] = {"lora": 1e-4, "full": 1e-5}
 DEEPSPEED_PRESETS: tuple[str, ...] = ("zero0", "zero2", "zero3", "zero3_offload")
 
@@ -217,12 +224,16 @@ DEEPSPEED_PRESETS: tuple[str, ...] = ("zero0", "zero2", "zero3", "zero3_offload"
 def resolve_defaults(cfg: Config) -> Config:
     """Return a copy of `cfg` with every `None` meaning "the algorithm's default" filled in.
 
-    beta per rlhf_type (`DEFAULT_BETA`), learning_rate per sft_type (`DEFAULT_LEARNING_RATE`),
-    gradient checkpointing on with CUDA. Idempotent; fields the user set are kept.
+    The chosen algorithm's hyper-parameters from its dataclass (`hpalign.hyperparams`; beta per
+    rlhf_type among them), learning_rate per sft_type (`DEFAULT_LEARNING_RATE`), gradient
+    checkpointing on with CUDA. Idempotent; fields the user set are kept.
     """
     out = copy.deepcopy(cfg)
-    if out.algorithm.beta is None:
-        out.algorithm.beta = DEFAULT_BETA.get(out.algorithm.rlhf_type)
+    if out.algorithm.rlhf_type in HYPERPARAMS:
+        defaults = default_params(out.algorithm.rlhf_type)
+        for name in param_names(out.algorithm.rlhf_type):
+            if getattr(out.algorithm, name) is None:
+                setattr(out.algorithm, name, getattr(defaults, name))
     if out.train.learning_rate is None:
         out.train.learning_rate = DEFAULT_LEARNING_RATE.get(out.tuning.sft_type)
     if out.train.gradient_checkpointing is None and (_has_cuda() or out.tuning.sft_type == "full"):
@@ -285,11 +296,13 @@ def _data_errors(d: DataConfig) -> list[str]:
 def _algorithm_errors(a: AlgorithmConfig) -> list[str]:
     errors: list[str] = []
     _choice(errors, "rlhf_type", a.rlhf_type, RLHF_TYPES)
-    _choice(errors, "loss_type", a.loss_type, ("sigmoid", "ipo", "hinge"))
+    if a.loss_type is not None:
+        _choice(errors, "loss_type", a.loss_type, ("sigmoid", "ipo", "hinge"))
     _choice(errors, "logprob_impl", a.logprob_impl, ("auto", "cuda", "torch"))
     _at_least(errors, "beta", a.beta, 0.0)
     _at_least(errors, "rpo_alpha", a.rpo_alpha, 0.0)
-    _in_range(errors, "label_smoothing", a.label_smoothing, 0.0, 0.5)
+    if a.label_smoothing is not None:
+        _in_range(errors, "label_smoothing", a.label_smoothing, 0.0, 0.5)
     _at_least(errors, "cpo_alpha", a.cpo_alpha, 0.0)
     _at_least(errors, "desirable_weight", a.desirable_weight, 0.0)
     _at_least(errors, "undesirable_weight", a.undesirable_weight, 0.0)
@@ -348,6 +361,18 @@ def _cross_errors(cfg: Config) -> list[str]:
         return ["--attn_impl eager cannot attend per sequence inside packed rows; use --attn_impl sdpa or "
                 "flash_attention_2 with packing, or --packing false for eager attention."]
     return []
+
+
+def unused_flag_warnings(cfg: Config, *, needs_reference: bool) -> list[str]:
+    """One line per flag the user set that the chosen algorithm does not read (`Config.user_set`)."""
+    rlhf_type = cfg.algorithm.rlhf_type
+    reads = set(param_names(rlhf_type)) | ({f.name for f in dataclasses.fields(PPOConfig)} if rlhf_type == "ppo" else set())
+    if needs_reference:
+        reads.add("precompute_ref_log_probs")
+    specific = all_param_names() | {f.name for f in dataclasses.fields(PPOConfig)} | {"precompute_ref_log_probs"}
+    return [f"--{name} is set but --rlhf_type {rlhf_type} does not use it (it reads: "
+            f"{', '.join(sorted(reads)) or 'none of the algorithm flags'}); it has no effect"
+            for name in sorted(cfg.user_set & (specific - reads))]
 
 
 def validate(cfg: Config) -> None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hpalign.algorithms import ALGORITHMS, SequenceStats, StepCounts, get_algorithm
-from hpalign.config import AlgorithmConfig
+from hpalign.hyperparams import DPOParams
 
 
 def test_every_algorithm_has_an_objective_and_a_data_kind():
@@ -17,7 +17,7 @@ def test_ppo_says_it_is_not_built_yet():
 
 def test_dpo_objective_splits_into_global_shares():
     """Two micro-batches, each divided by the step's global counts, sum to the one-batch loss."""
-    cfg = AlgorithmConfig(beta=0.1, rpo_alpha=0.5)
+    cfg = DPOParams(beta=0.1, rpo_alpha=0.5)
     policy = SequenceStats(logps_ER=torch.tensor([[-3.0, -5.0], [-4.0, -2.0]]), num_tokens_ER=torch.ones(2, 2) * 3)
     reference = SequenceStats(logps_ER=torch.tensor([[-4.0, -4.0], [-4.0, -4.0]]), num_tokens_ER=torch.ones(2, 2) * 3)
     counts = StepCounts(num_examples=2.0, num_tokens=12.0, num_chosen_tokens=6.0)

@@ -199,7 +199,7 @@ def test_help_lists_every_field_with_defaults_and_the_ddp_epilog() -> None:
     text = build_parser().format_help()
     for name in field_specs():
         assert f"--{name}" in text
-    assert "--model_id_or_path" in text and "[default: sigmoid]" in text and "[default: 0.05]" in text
+    assert "--model_id_or_path" in text and "sigmoid (default)" in text and "[default: 0.05]" in text
     assert "NPROC_PER_NODE" in text and "MASTER_PORT" in text
 
 

@@ -18,7 +18,6 @@ import torch
 
 from hpalign import losses
 from hpalign.algorithms import Algorithm, SequenceStats, StepCounts
-from hpalign.config import Config
 from hpalign.data.collate import SequenceBatch, example_lengths
 from hpalign.data.types import TokenizedExample
 from hpalign.train import distributed
@@ -163,7 +162,7 @@ class PhaseTimer:
         self.last = now
 
 
-def train_step(engine, *, algorithm: Algorithm, cfg: Config, micro_batches: list[SequenceBatch],
+def train_step(engine, *, algorithm: Algorithm, params, micro_batches: list[SequenceBatch],
                counts: StepCounts, policy_stats: Callable[[SequenceBatch], SequenceStats],
                reference_stats: Callable[[SequenceBatch], SequenceStats] | None,
                timer: PhaseTimer) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
@@ -172,14 +171,14 @@ def train_step(engine, *, algorithm: Algorithm, cfg: Config, micro_batches: list
     before clipping (None when DeepSpeed was told not to compute it)."""
     # DeepSpeed divides each backward by the accumulation steps and averages gradients over ranks;
     # our loss is already a share of the global mean, so undo both to get exactly the big-batch gradient.
-    scale = cfg.train.gradient_accumulation_steps * distributed.layout().data_parallel_size
+    scale = engine.gradient_accumulation_steps() * distributed.layout().data_parallel_size
     sums: dict[str, torch.Tensor] = {}
     grad_norm = None
     for batch in micro_batches:
         reference = reference_stats(batch) if reference_stats is not None else None
         timer.lap("reference_forward")
         policy = policy_stats(batch)
-        loss, metrics = algorithm.objective(policy, reference, counts, cfg.algorithm)
+        loss, metrics = algorithm.objective(policy, reference, counts, params)
         timer.lap("policy_forward")
         engine.backward(loss * scale)
         timer.lap("backward")
@@ -199,23 +198,24 @@ def with_example_ids(batch: SequenceBatch, indices: list[int]) -> SequenceBatch:
     return dataclasses.replace(batch, example_ids=torch.tensor(indices, dtype=torch.long))
 
 
-def run_step(engine, *, algorithm: Algorithm, cfg: Config, plan: BatchPlan, step: int,
+def run_step(engine, *, algorithm: Algorithm, params, plan: BatchPlan, step: int, seed: int, max_length: int,
              examples: list[TokenizedExample], collate: Callable[[list[TokenizedExample]], SequenceBatch],
              policy_stats, reference_stats, table_reference_stats=None) -> StepResult:
-    """One optimizer step. `reference_stats` is the live reference; `table_reference_stats`, when
-    given, serves the training rows from --precompute_ref_log_probs' table instead."""
+    """One optimizer step. `params`: the algorithm's hyper-parameters; `seed` orders the data;
+    `reference_stats` is the live reference; `table_reference_stats`, when given, serves the
+    training rows from --precompute_ref_log_probs' table instead."""
     start = time.perf_counter()
     timer = PhaseTimer(engine.device)
-    global_indices = all_step_indices(plan, step, seed=cfg.train.seed)
+    global_indices = all_step_indices(plan, step, seed=seed)
     counts = step_counts(examples, global_indices)
     rank = distributed.layout().data_parallel_rank
-    index_lists = micro_batches_for_step(plan, step, seed=cfg.train.seed, rank=rank)
+    index_lists = micro_batches_for_step(plan, step, seed=seed, rank=rank)
     micro_batches = [with_example_ids(collate([examples[i] for i in indices]), indices)
                      for indices in index_lists]
     timer.lap("data")
     if algorithm.estimates_kl:
-        mismatched = kl_examples(examples, plan, step, seed=cfg.train.seed, rank=rank,
-                                 max_length=cfg.data.max_length)
+        mismatched = kl_examples(examples, plan, step, seed=seed, rank=rank,
+                                 max_length=max_length)
         size = plan.micro_batch_size
         rows = [[examples[i] for i in indices] for indices in index_lists]
         counts.kl_reference_point, reference_stats, policy_stats = kto_step_stats(
@@ -223,7 +223,7 @@ def run_step(engine, *, algorithm: Algorithm, cfg: Config, plan: BatchPlan, step
             policy_stats, reference_stats, timer, table_reference_stats=table_reference_stats)
     elif table_reference_stats is not None:
         reference_stats = table_reference_stats
-    sums, grad_norm = train_step(engine, algorithm=algorithm, cfg=cfg, micro_batches=micro_batches,
+    sums, grad_norm = train_step(engine, algorithm=algorithm, params=params, micro_batches=micro_batches,
                                  counts=counts, policy_stats=policy_stats, reference_stats=reference_stats,
                                  timer=timer)
     # Throughput counts the data's tokens (prompt + response per sequence, as a padded trainer counts

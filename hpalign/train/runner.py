@@ -87,7 +87,7 @@ def preference_metrics(session: Session) -> dict[str, float]:
     if reference_stats is not None:
         reference_stats = _cached(reference_stats, session.val_reference_cache)
     collate_examples = session_collate(session)
-    batch_size, beta = max(cfg.train.batch_size, 8), cfg.algorithm.beta or 1.0
+    batch_size, beta = max(cfg.train.batch_size, 8), getattr(session.params, "beta", None) or 1.0
     metrics: dict[str, float] = {}
     if data.val_pairs:
         make_batch = make_batcher(data.val_pairs, collate_examples)
@@ -146,8 +146,9 @@ def train(session: Session, state: TrainState, metrics_logger: report.MetricsLog
                disable=not distributed.is_main(), dynamic_ncols=True)
     window = MetricWindow()  # the steps since the last log line, reduced over ranks once per line
     while state.global_step < session.num_steps:
-        result = run_step(session.engine, algorithm=session.algorithm, cfg=cfg, plan=session.plan,
-                          step=state.global_step, examples=session.data.train, collate=collate_examples,
+        result = run_step(session.engine, algorithm=session.algorithm, params=session.params, plan=session.plan,
+                          step=state.global_step, seed=cfg.train.seed, max_length=cfg.data.max_length,
+                          examples=session.data.train, collate=collate_examples,
                           policy_stats=policy_stats, reference_stats=reference_stats,
                           table_reference_stats=table_stats)
         state.global_step += 1

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from hpalign.algorithms import Algorithm, SequenceStats, get_algorithm
-from hpalign.config import Config, save_config
+from hpalign.config import Config, save_config, unused_flag_warnings
 from hpalign.data import collate, templates
+from hpalign.hyperparams import make_params
 from hpalign.model import (
     RewardModel,
     apply_lora,
@@ -43,6 +44,7 @@ class Session:
 
     cfg: Config
     algorithm: Algorithm
+    params: object  # the algorithm's hyper-parameters (its dataclass in hpalign.hyperparams)
     run_dir: Path
     tokenizer: object
     template: templates.ChatTemplate
@@ -203,6 +205,8 @@ def build_session(cfg: Config) -> Session:
     run_dir = make_run_dir(cfg)
     setup_logging(run_dir)
     logger.info("run directory: %s", run_dir)
+    for warning in unused_flag_warnings(cfg, needs_reference=algorithm.needs_reference):
+        logger.warning(warning)
     tokenizer = load_tokenizer(cfg.model.model)
     template = templates.resolve_template(tokenizer, cfg.model.template, cfg.model.model_type)
     data = prepare_data(cfg, algorithm.data_kind, template)
@@ -240,7 +244,7 @@ def build_session(cfg: Config) -> Session:
     if reference is not None:
         reference = engine_lib.build_frozen_engine(reference, ds_config=ds_config, device=device)
     check_models_on_device({"policy": engine.module, "reference": reference}, device)
-    return Session(cfg, algorithm, run_dir, tokenizer, template, data, engine, reference, packed, plan, num_steps)
+    return Session(cfg, algorithm, make_params(algorithm.name, cfg.algorithm), run_dir, tokenizer, template, data, engine, reference, packed, plan, num_steps)
 
 
 def check_models_on_device(models: dict[str, torch.nn.Module | None], device: torch.device) -> None:

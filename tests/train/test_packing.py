@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from hpalign.algorithms import SequenceStats, StepCounts, dpo_objective
-from hpalign.config import AlgorithmConfig
 from hpalign.data.builtin import builtin_dataset
 from hpalign.data.collate import example_lengths, pack_batch, pad_batch
 from hpalign.data.templates import resolve_template, tokenize_examples
 from hpalign.data.types import LoadReport, TokenizedExample
+from hpalign.hyperparams import DPOParams
 from hpalign.ops.attention import enable_varlen_attention
 from hpalign.tiny_model import build_tiny_llama
 from hpalign.train.forward import sequence_stats
@@ -50,7 +50,7 @@ def dpo_loss_and_grads(policy, reference, batch, *, packed: bool) -> tuple[Seque
     with torch.no_grad():
         ref_stats = sequence_stats(reference, batch, packed=packed)
     stats = sequence_stats(policy, batch, packed=packed)
-    cfg = AlgorithmConfig(rlhf_type="dpo", beta=0.1, rpo_alpha=1.0)
+    cfg = DPOParams(beta=0.1, rpo_alpha=1.0)
     loss, _ = dpo_objective(stats, ref_stats, step_counts(stats), cfg)
     params = {name: p for name, p in policy.named_parameters() if p.requires_grad}
     grads = torch.autograd.grad(loss, list(params.values()))
@@ -132,7 +132,7 @@ def lora_case(model, tokenizer, examples: list[TokenizedExample], *, targets: li
     for name, batch, is_packed in (("padded", padded, False), ("packed", packed, True)):
         ref_stats = adapter_off_reference(policy, batch, packed=is_packed)
         stats = sequence_stats(policy, batch, packed=is_packed)
-        cfg = AlgorithmConfig(rlhf_type="dpo", beta=0.1, rpo_alpha=1.0)
+        cfg = DPOParams(beta=0.1, rpo_alpha=1.0)
         loss, _ = dpo_objective(stats, ref_stats, step_counts(stats), cfg)
         params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
         assert params and all("lora_" in n for n in params)
