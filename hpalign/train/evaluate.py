@@ -10,7 +10,7 @@ import torch
 
 from hpalign.algorithms import SequenceStats
 from hpalign.train import distributed
-from hpalign.train.loop import kl_reference_point
+from hpalign.train.kto import kl_reference_point
 
 
 def shard_for_rank(num_items: int, *, batch_size: int) -> list[tuple[list[int], list[float]]]:

@@ -19,7 +19,8 @@ from hpalign.config import Config
 from hpalign.data import builtin
 from hpalign.train import distributed
 from hpalign.train.evaluate import generation_eval, label_eval, preference_eval
-from hpalign.train.loop import TrainState, finish_window, mismatched_completion, run_step
+from hpalign.train.kto import mismatched_completion
+from hpalign.train.loop import TrainState, finish_window, run_step
 from hpalign.train.metrics import MetricWindow
 from hpalign.train.session import (
     Session,

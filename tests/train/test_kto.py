@@ -7,7 +7,8 @@ import torch
 from hpalign.algorithms import SequenceStats
 from hpalign.data.collate import pack_batch
 from hpalign.data.types import TokenizedExample
-from hpalign.train.loop import PhaseTimer, kto_step_stats
+from hpalign.train.kto import kto_step_stats
+from hpalign.train.loop import PhaseTimer
 
 
 def collate(examples):
