@@ -140,7 +140,7 @@ def model_directory(name: str, tmp_dir: Path) -> Path:
     """An HF directory both tools load: the cached SmolLM2, tiny-random-llama saved once, or a
     random-weight Llama-shaped model (`random-llama-1b`, for GPU runs: throughput needs no training)."""
     if name == "smollm2":
-        from hpalign.model import ensure_smollm2_cached
+        from hpalign.models import ensure_smollm2_cached
 
         return ensure_smollm2_cached()
     if name == "tiny-random-llama":
@@ -164,7 +164,7 @@ def random_llama(name: str):
     """A random-weight Llama of a known shape with SmolLM2's tokenizer (vocabulary 49152)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from hpalign.model import ensure_smollm2_cached
+    from hpalign.models import ensure_smollm2_cached
 
     hidden, layers, heads, kv_heads, intermediate = RANDOM_LLAMA_SHAPES[name]
     tokenizer = AutoTokenizer.from_pretrained(ensure_smollm2_cached())

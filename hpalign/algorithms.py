@@ -16,34 +16,7 @@ import torch
 
 from hpalign import hyperparams as hp
 from hpalign import losses
-
-
-@dataclass
-class SequenceStats:
-    """Per-sequence sums over response tokens for one micro-batch, reshaped example-major."""
-
-    logps_ER: torch.Tensor  # [E, R] summed log p(response token), R = responses per example
-    num_tokens_ER: torch.Tensor  # [E, R] response token counts (float)
-    labels_E: torch.Tensor | None = None  # [E] bool, KTO: True = desirable
-    margins_E: torch.Tensor | None = None  # [E] float, RM: optional per-pair margin
-    rewards_ER: torch.Tensor | None = None  # [E, R] scalar rewards of a reward model (RM)
-
-    @property
-    def mean_logps_ER(self) -> torch.Tensor:
-        return self.logps_ER / self.num_tokens_ER.clamp(min=1)
-
-
-@dataclass
-class StepCounts:
-    """Global counts of one optimizer step (all micro-batches, all ranks)."""
-
-    num_examples: float
-    num_tokens: float  # response tokens of every response
-    num_chosen_tokens: float  # response tokens of response 0 (the chosen answer)
-    num_desirable: float = 0.0  # KTO
-    num_undesirable: float = 0.0  # KTO
-    kl_reference_point: float = 0.0  # KTO's z0, estimated over the step's global batch
-
+from hpalign.stats import SequenceStats, StepCounts
 
 Metrics = dict[str, torch.Tensor]
 # (policy stats, reference stats or None, the step's global counts, the algorithm's hyper-parameters:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from hpalign.train import distributed
+from hpalign import distributed
 
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -83,7 +83,7 @@ def save_checkpoint(engine, *, run_dir: Path, step: int, tokenizer, trainer_stat
 
 def save_model_weights(module, directory: Path, *, state_dict: dict | None, tokenizer) -> None:
     """HF-loadable weights; a reward model also writes `value_head.safetensors` beside them."""
-    from hpalign.model import (
+    from hpalign.models import (
         ValueHead,
         is_reward_model,
         save_pretrained_weights,

@@ -21,7 +21,7 @@ import torch
 
 from hpalign.data import collate, templates
 from hpalign.data.types import LoadReport, Message, PreferenceExample, SFTExample, TokenizedExample
-from hpalign.model import ModelSource, RewardModel, load_policy, load_tokenizer, resolve_dtype
+from hpalign.models import ModelSource, RewardModel, load_policy, load_tokenizer, resolve_dtype
 from hpalign.models.reward_model import load_reward_model as attach_value_head
 from hpalign.models.value_head import VALUE_HEAD_BIN, VALUE_HEAD_SAFETENSORS
 

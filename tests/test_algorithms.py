@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from hpalign.algorithms import ALGORITHMS, SequenceStats, StepCounts, get_algorithm
+from hpalign.algorithms import ALGORITHMS, get_algorithm
 from hpalign.hyperparams import DPOParams
+from hpalign.stats import SequenceStats, StepCounts
 
 
 def test_every_algorithm_has_an_objective_and_a_data_kind():

@@ -1,4 +1,4 @@
-"""hpalign.model: resolution and cache, loading, LoRA, reference, module access, value head, saving."""
+"""hpalign.models: resolution and cache, loading, LoRA, reference, module access, value head, saving."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from hpalign import model as hm
+from hpalign import models as hm
 from hpalign.models import source as source_mod
 from hpalign.tiny_model import build_byte_tokenizer, build_tiny_llama
 

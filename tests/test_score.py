@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hpalign import cli
-from hpalign import model as hm
+from hpalign import models as hm
 from hpalign.checkpoint import save_model_weights
 from hpalign.data import builtin, collate, templates
 from hpalign.data.types import LoadReport
@@ -89,8 +89,10 @@ def test_saved_reward_model_scores_like_the_module(tmp_path, test_pairs, lora):
     scores = score_pairs(reward_model, tokenizer, template, test_pairs[:12], batch_size=5,
                          max_length=MAX_LENGTH)
     expected = reference_rewards(saved, test_pairs[:12], packed=False)
-    torch.testing.assert_close(scores.chosen_N, expected[:, 0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(scores.rejected_N, expected[:, 1], atol=1e-5, rtol=0)
+    # Batches of 5 and 8 pad to other widths, so matmul reduction orders differ (seen once: a 1e-5
+    # miss under load); a broken round trip is off by far more.
+    torch.testing.assert_close(scores.chosen_N, expected[:, 0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(scores.rejected_N, expected[:, 1], atol=1e-4, rtol=1e-4)
     assert scores.chosen_N.std() > 1e-3  # the rewards are not all the same number
 
 

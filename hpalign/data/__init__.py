@@ -5,7 +5,7 @@ Never imports deepspeed, peft or vllm.
 
 from hpalign.data.builtin import BUILTIN_NAME, builtin_dataset, has_emoji, task_metric
 from hpalign.data.collate import SequenceBatch, pack_batch, pad_batch, plan_micro_batches, plan_rows
-from hpalign.data.formats import load_examples, pairs_to_kto, split_examples
+from hpalign.data.formats import load_examples, split_examples
 from hpalign.data.templates import ChatTemplate, resolve_template, tokenize_examples
 from hpalign.data.types import (
     DataFormatError,
@@ -15,6 +15,7 @@ from hpalign.data.types import (
     PreferenceExample,
     SFTExample,
     TokenizedExample,
+    pairs_to_kto,
 )
 
 __all__ = [

@@ -14,8 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from hpalign.data.formats import pairs_to_kto
-from hpalign.data.types import KTOExample, Message, PreferenceExample, SFTExample
+from hpalign.data.types import KTOExample, Message, PreferenceExample, SFTExample, pairs_to_kto
 
 BUILTIN_NAME = "builtin-emoji"
 NUM_TRAIN, NUM_TEST = 400, 64

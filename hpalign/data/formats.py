@@ -15,7 +15,15 @@ from collections.abc import Callable
 from typing import Any
 
 from hpalign.data.readers import read_rows, type_name
-from hpalign.data.types import DataFormatError, KTOExample, LoadReport, Message, PreferenceExample, SFTExample
+from hpalign.data.types import (
+    DataFormatError,
+    KTOExample,
+    LoadReport,
+    Message,
+    PreferenceExample,
+    SFTExample,
+    pairs_to_kto,
+)
 
 PAIR_FORMATS = (
     "prompt/chosen/rejected strings (+ optional system, history=[[query, response], ...], margin)",
@@ -240,12 +248,6 @@ def parse_pair(row: Row, source: str) -> list[PreferenceExample]:
     else:
         raise _missing(row, "prompt", source, PAIR_FORMATS)
     return [PreferenceExample(prompt, chosen, rejected, source, margin=_margin(row, source))]
-
-
-def pairs_to_kto(pairs: list[PreferenceExample]) -> list[KTOExample]:
-    """Each pair becomes a desirable (chosen) and an undesirable (rejected) example, in that order."""
-    return [KTOExample(p.prompt, answer, label, p.source)
-            for p in pairs for answer, label in ((p.chosen, True), (p.rejected, False))]
 
 
 def parse_kto(row: Row, source: str) -> list[KTOExample]:

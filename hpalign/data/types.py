@@ -73,3 +73,9 @@ class LoadReport:
     skipped: list[str] = field(default_factory=list)  # "source: reason", for the log
     num_truncated: int = 0
     num_truncated_response: int = 0
+
+
+def pairs_to_kto(pairs: list[PreferenceExample]) -> list[KTOExample]:
+    """Each pair becomes a desirable (chosen) and an undesirable (rejected) example, in that order."""
+    return [KTOExample(p.prompt, answer, label, p.source)
+            for p in pairs for answer, label in ((p.chosen, True), (p.rejected, False))]

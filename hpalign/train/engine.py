@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from hpalign.train import distributed
+from hpalign import distributed
 
 ZERO_PRESETS: dict[str, dict[str, Any]] = {
     "zero0": {"stage": 0},

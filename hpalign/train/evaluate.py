@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from hpalign.algorithms import SequenceStats
-from hpalign.train import distributed
+from hpalign import distributed
+from hpalign.stats import SequenceStats
 from hpalign.train.kto import kl_reference_point
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from hpalign.algorithms import SequenceStats
 from hpalign.data.collate import SequenceBatch
-from hpalign.model import decoder_and_head
+from hpalign.models import decoder_and_head
 from hpalign.ops.attention import packed_forward_kwargs
 from hpalign.ops.linear_logprobs import hidden_logprobs, is_plain_linear, linear_token_logprobs
 from hpalign.ops.segments import segment_count, segment_sum
+from hpalign.stats import SequenceStats
 
 
 def backbone_kwargs(batch: SequenceBatch, *, packed: bool) -> dict:

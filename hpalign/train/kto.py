@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hpalign import losses
-from hpalign.algorithms import SequenceStats
+from hpalign import distributed, losses
 from hpalign.data.collate import SequenceBatch
 from hpalign.data.types import TokenizedExample
-from hpalign.train import distributed
+from hpalign.stats import SequenceStats
 from hpalign.train.schedule import BatchPlan, all_step_indices
 
 if TYPE_CHECKING:

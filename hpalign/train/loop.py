@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hpalign.algorithms import Algorithm, SequenceStats, StepCounts
+from hpalign import distributed
+from hpalign.algorithms import Algorithm
 from hpalign.data.collate import SequenceBatch, example_lengths
 from hpalign.data.types import TokenizedExample
-from hpalign.train import distributed, kto
+from hpalign.stats import SequenceStats, StepCounts
 from hpalign.train import engine as engine_lib
+from hpalign.train import kto
 from hpalign.train.schedule import BatchPlan, all_step_indices, micro_batches_for_step
 
 logger = logging.getLogger("hpalign")

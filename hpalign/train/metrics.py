@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from hpalign.train import distributed
+from hpalign import distributed
 
 LATEST = ("train/learning_rate", "train/epoch", "train/gpu_peak_memory_mib")
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from hpalign.algorithms import SequenceStats
 from hpalign.data.collate import SequenceBatch
 from hpalign.data.types import TokenizedExample
+from hpalign.stats import SequenceStats
 
 logger = logging.getLogger("hpalign")
 

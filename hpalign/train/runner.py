@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hpalign import checkpoint, report
+from hpalign import checkpoint, distributed, report
 from hpalign.config import Config
 from hpalign.data import builtin
-from hpalign.train import distributed
 from hpalign.train.evaluate import generation_eval, label_eval, preference_eval
 from hpalign.train.kto import mismatched_completion
 from hpalign.train.loop import TrainState, finish_window, run_step
@@ -40,7 +39,7 @@ def precompute_reference(session: Session) -> None:
     """--precompute_ref_log_probs: one reference pass over the training data, cached on disk under
     $HPALIGN_CACHE/reference_logps keyed by model, data and template, so later epochs and reruns
     skip the reference forward. KTO's mismatched KL pairs change every step and stay live."""
-    from hpalign.model import cache_root
+    from hpalign.models import cache_root
     from hpalign.train import reference_cache
 
     cfg = session.cfg

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from hpalign.algorithms import Algorithm, SequenceStats, get_algorithm
+from hpalign import distributed
+from hpalign.algorithms import Algorithm, get_algorithm
 from hpalign.config import Config, save_config, unused_flag_warnings
 from hpalign.data import collate, templates
 from hpalign.hyperparams import make_params
-from hpalign.model import (
+from hpalign.models import (
     RewardModel,
     apply_lora,
     disable_dropout,
@@ -28,7 +29,7 @@ from hpalign.model import (
     uses_adapter_reference,
 )
 from hpalign.ops.attention import enable_varlen_attention, varlen_backend
-from hpalign.train import distributed
+from hpalign.stats import SequenceStats
 from hpalign.train import engine as engine_lib
 from hpalign.train.datasets import PreparedData, prepare_data
 from hpalign.train.forward import response_token_counts, reward_stats, sequence_stats

@@ -7,8 +7,15 @@ import json
 
 import pytest
 
-from hpalign.data.formats import load_examples, pairs_to_kto, parse_label, split_examples
-from hpalign.data.types import DataFormatError, KTOExample, LoadReport, PreferenceExample, SFTExample
+from hpalign.data.formats import load_examples, parse_label, split_examples
+from hpalign.data.types import (
+    DataFormatError,
+    KTOExample,
+    LoadReport,
+    PreferenceExample,
+    SFTExample,
+    pairs_to_kto,
+)
 
 USER = {"role": "user", "content": "Hi"}
 

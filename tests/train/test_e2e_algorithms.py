@@ -84,7 +84,7 @@ def test_cpo_learns_the_preference_despite_the_length_handicap(tmp_path):
 def test_kto_learns_from_unpaired_labels(tmp_path):
     from peft import PeftModel
 
-    from hpalign.model import load_policy
+    from hpalign.models import load_policy
 
     run_dir = train(tmp_path, "kto", steps=30)
     assert_loss_falls(run_dir, 30)
@@ -136,7 +136,7 @@ def held_out_batch(examples: list):
     """One padded batch of `examples`, templated and truncated as in training (TINY_FLAGS' 256)."""
     from hpalign.data import collate, templates
     from hpalign.data.types import LoadReport
-    from hpalign.model import load_tokenizer
+    from hpalign.models import load_tokenizer
 
     tokenizer = load_tokenizer("tiny-random-llama")
     template = templates.resolve_template(tokenizer, "auto")
@@ -163,7 +163,7 @@ def per_token_preference(model: torch.nn.Module) -> float:
 def test_sft_makes_the_chosen_style_more_likely(tmp_path):
     from peft import PeftModel
 
-    from hpalign.model import load_policy
+    from hpalign.models import load_policy
 
     run_dir = train(tmp_path, "sft", steps=20)
     assert_loss_falls(run_dir, 20)
@@ -221,7 +221,7 @@ def test_kto_two_rank_zero3_matches_single_process(tmp_path):
 def test_rm_two_rank_zero3_writes_a_loadable_value_head(tmp_path):
     """Under ZeRO-3 the value head is partitioned; the checkpoint must hold the gathered, trained head."""
     from hpalign.data import builtin
-    from hpalign.model import RewardModel, load_policy
+    from hpalign.models import RewardModel, load_policy
     from hpalign.score import load_reward_model, score_pairs
 
     launcher = _launcher(29853)

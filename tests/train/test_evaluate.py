@@ -3,7 +3,7 @@ graph alive: 16 GB instead of 1 GB on a KTO evaluation of SmolLM2)."""
 
 import torch
 
-from hpalign.algorithms import SequenceStats
+from hpalign.stats import SequenceStats
 from hpalign.train.evaluate import label_eval, preference_eval
 
 

@@ -4,9 +4,9 @@ training forward serves the KL estimate too."""
 
 import torch
 
-from hpalign.algorithms import SequenceStats
 from hpalign.data.collate import pack_batch
 from hpalign.data.types import TokenizedExample
+from hpalign.stats import SequenceStats
 from hpalign.train.kto import kto_step_stats
 from hpalign.train.loop import PhaseTimer
 

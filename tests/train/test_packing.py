@@ -13,13 +13,14 @@ import random
 import pytest
 import torch
 
-from hpalign.algorithms import SequenceStats, StepCounts, dpo_objective
+from hpalign.algorithms import dpo_objective
 from hpalign.data.builtin import builtin_dataset
 from hpalign.data.collate import example_lengths, pack_batch, pad_batch
 from hpalign.data.templates import resolve_template, tokenize_examples
 from hpalign.data.types import LoadReport, TokenizedExample
 from hpalign.hyperparams import DPOParams
 from hpalign.ops.attention import enable_varlen_attention
+from hpalign.stats import SequenceStats, StepCounts
 from hpalign.tiny_model import build_tiny_llama
 from hpalign.train.forward import sequence_stats
 
@@ -83,7 +84,7 @@ def assert_packed_equals_padded(policy, reference, examples: list[TokenizedExamp
 def lora_policy(model, *, targets: list[str], seed: int = 0):
     """The model with LoRA adapters whose B is random (not 0), so every adapter gets a gradient.
     The reference is the same model with the adapter off, as in training."""
-    from hpalign.model import apply_lora
+    from hpalign.models import apply_lora
 
     policy = apply_lora(model, targets=targets, rank=4, alpha=8, dropout=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -95,7 +96,7 @@ def lora_policy(model, *, targets: list[str], seed: int = 0):
 
 
 def adapter_off_reference(policy, batch, *, packed: bool) -> SequenceStats:
-    from hpalign.model import reference_forward_context
+    from hpalign.models import reference_forward_context
 
     with reference_forward_context(policy):
         return sequence_stats(policy, batch, packed=packed)
@@ -159,7 +160,7 @@ def test_tiny_lora_packed_equals_padded(tiny, share_prompt):
 
 @pytest.mark.slow
 def test_smollm2_lora_packed_equals_padded():
-    from hpalign.model import load_policy, load_tokenizer
+    from hpalign.models import load_policy, load_tokenizer
 
     model = load_policy(None, dtype=torch.float32)
     tokenizer = load_tokenizer(None)

@@ -107,7 +107,7 @@ def test_disable_dropout_defaults_on_with_a_reference_model_and_says_what_it_ove
 def test_disable_dropout_makes_train_mode_forwards_repeat_exactly():
     import torch
 
-    from hpalign.model import disable_dropout
+    from hpalign.models import disable_dropout
     from hpalign.tiny_model import build_tiny_llama
 
     model, _ = build_tiny_llama(seed=0)

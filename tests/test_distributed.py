@@ -11,8 +11,8 @@ import textwrap
 import pytest
 import torch
 
-from hpalign.train import distributed
-from hpalign.train.distributed import Collectives, ProcessLayout, communication_device
+from hpalign import distributed
+from hpalign.distributed import Collectives, ProcessLayout, communication_device
 from hpalign.train.metrics import MetricWindow
 from tests.train.conftest import REPO, TINY_FLAGS
 
@@ -90,7 +90,8 @@ DRIVER = textwrap.dedent('''
     import dataclasses, sys, traceback
     import torch
     from hpalign.cli import build_config
-    from hpalign.train import distributed, run
+    from hpalign import distributed
+    from hpalign.train import run
 
     class FakeNccl:
         """Communicates on `meta` (a stand-in for CUDA); refuses anything else, as NCCL refuses CPU tensors."""
