@@ -292,10 +292,15 @@ def test_value_head_round_trip(tmp_path):
     head = hm.ValueHead(16)
     path = hm.save_value_head(head, tmp_path)
     assert path == tmp_path / "value_head.safetensors"
-    assert set(load_file(str(path))) == {"summary.weight", "summary.bias"}
+    assert set(load_file(str(path))) == {"v_head.summary.weight", "v_head.summary.bias"}  # ms-swift's / TRL's keys
     loaded = hm.load_value_head(tmp_path, 16)
     hidden = torch.randn(3, 7, 16)
     torch.testing.assert_close(loaded(hidden), head(hidden))
+    # the bare keys of earlier hpalign checkpoints still load
+    from safetensors.torch import save_file
+
+    save_file({k.removeprefix("v_head."): v for k, v in load_file(str(path)).items()}, str(path))
+    torch.testing.assert_close(hm.load_value_head(tmp_path, 16)(hidden), head(hidden))
     with pytest.raises(ValueError, match="hidden size 32"):
         hm.load_value_head(tmp_path, 32)
 

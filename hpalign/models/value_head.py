@@ -1,8 +1,9 @@
 """The scalar head of reward and value models, stored as `value_head.safetensors`.
 
-File format: two tensors, `summary.weight` [1, hidden] and `summary.bias` [1]. TRL keeps the
-same head as `v_head.summary.*` inside its model's state dict; `load_value_head` accepts both
-spellings, and `value_head.bin` (a torch pickle of the same dict) as written by older tools.
+File format: two tensors, `v_head.summary.weight` [1, hidden] and `v_head.summary.bias` [1], the
+keys ms-swift and TRL write (ms-swift skips any other key without a word). `load_value_head` also
+reads the bare `summary.*` keys earlier hpalign versions wrote, and `value_head.bin` (a torch
+pickle of the same dict) as written by older tools.
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ class ValueHead(nn.Module):
 
 
 def save_value_head(head: ValueHead, directory: str | Path) -> Path:
-    """Write `directory/value_head.safetensors` (keys `summary.weight`, `summary.bias`)."""
+    """Write `directory/value_head.safetensors` (keys `v_head.summary.weight`, `v_head.summary.bias`)."""
     from safetensors.torch import save_file
 
     path = Path(directory) / VALUE_HEAD_SAFETENSORS
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"summary.{name}": t.detach().cpu().contiguous() for name, t in head.summary.state_dict().items()}
+    tensors = {f"{_TRL_PREFIX}summary.{name}": t.detach().cpu().contiguous() for name, t in head.summary.state_dict().items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
     return path
 
