@@ -366,10 +366,11 @@ def _cross_errors(cfg: Config) -> list[str]:
 def unused_flag_warnings(cfg: Config, *, needs_reference: bool) -> list[str]:
     """One line per flag the user set that the chosen algorithm does not read (`Config.user_set`)."""
     rlhf_type = cfg.algorithm.rlhf_type
-    reads = set(param_names(rlhf_type)) | ({f.name for f in dataclasses.fields(PPOConfig)} if rlhf_type == "ppo" else set())
+    ppo_flags = {f.name for f in dataclasses.fields(PPOConfig)}
+    reads = set(param_names(rlhf_type)) | (ppo_flags if rlhf_type == "ppo" else set())
     if needs_reference:
         reads.add("precompute_ref_log_probs")
-    specific = all_param_names() | {f.name for f in dataclasses.fields(PPOConfig)} | {"precompute_ref_log_probs"}
+    specific = all_param_names() | ppo_flags | {"precompute_ref_log_probs"}
     return [f"--{name} is set but --rlhf_type {rlhf_type} does not use it (it reads: "
             f"{', '.join(sorted(reads)) or 'none of the algorithm flags'}); it has no effect"
             for name in sorted(cfg.user_set & (specific - reads))]

@@ -8,15 +8,15 @@ Where tensors live is decided here, once: `ProcessLayout.device` is the rank's c
 model and batch goes there) and `ProcessLayout.communication_device` is where the backend reads
 collective inputs (NCCL only takes CUDA tensors; gloo is given CPU tensors). `Collectives` refuses a
 tensor on any other device, on every backend, as NCCL would: a CPU run therefore fails on the same
-mistake a GPU run would, and tests can swap the seam (`use_collectives`) for one that checks more.
+mistake a GPU run would, and tests can swap the seam (`set_layout(layout, collectives)`) for one
+that checks more.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -140,17 +140,6 @@ def layout() -> ProcessLayout:
 
 def collectives() -> Collectives:
     return _collectives
-
-
-@contextmanager
-def use_collectives(replacement) -> Iterator[None]:
-    """Swap the collectives seam (tests: a fake backend that checks every input)."""
-    global _collectives
-    previous, _collectives = _collectives, replacement
-    try:
-        yield
-    finally:
-        _collectives = previous
 
 
 def rank() -> int:

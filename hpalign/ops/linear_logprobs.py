@@ -264,32 +264,55 @@ def _module_logprobs(
     return torch.cat(pieces) if pieces else hidden_MH.new_zeros(0, dtype=torch.float32)
 
 
+# Rows per chunk of the module path (a head with its own forward) when the caller names none.
+MODULE_CHUNK_ROWS = 1024
+
+
+def run_as_forward(module: torch.nn.Module, fn, *args):
+    """`fn(*args)` called as `module`'s forward, so the hooks on the module apply to it. DeepSpeed
+    ZeRO-3's hooks then gather the module's parameters for the call, and again before the result's
+    backward, then release them: how the fused op reads a partitioned head weight without pinning
+    a gathered copy between forward and backward."""
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        del module.forward
+
+
 def hidden_logprobs(
     hidden_NH: torch.Tensor,
     lm_head: torch.nn.Module,
     labels_N: torch.Tensor,
     *,
-    chunk_rows: int = 1024,
+    chunk_rows: int | None = 1024,
     impl: str = "auto",
+    keep_logits: bool | None = False,
+    through_module: bool = False,
 ) -> torch.Tensor:
     """Per-token log-probs straight from final hidden states: logps[n] = log softmax(lm_head(h_n))[y_n].
 
-    Only rows with labels_N != -100 are projected, `chunk_rows` at a time, so that at most one
-    [chunk_rows, V] block of logits exists at once, in the forward and in the backward:
+    Only rows with labels_N != -100 are projected:
     - a plain `nn.Linear` head (or a subclass that keeps Linear's forward) goes through
-      `linear_token_logprobs(..., keep_logits=False)` with its weight and bias: the backward
-      recomputes each chunk's logits (the module and its hooks are not called);
+      `linear_token_logprobs` with its weight and bias (`chunk_rows`, `keep_logits` as there; the
+      defaults keep at most one [chunk_rows, V] block of logits, the backward recomputing each
+      chunk). With `through_module` the op runs as the head's own forward (`run_as_forward`), so
+      the module's hooks see it (ZeRO-3 gathers the weight once per forward); otherwise the module
+      and its hooks are not called;
     - any other module (a peft LoRA-wrapped head, a ZeRO-3 head whose weight is not gathered) is
-      called per chunk, followed by the fused `token_logprobs`, under non-reentrant activation
-      checkpointing: the backward re-runs the module on each chunk.
-    For the keep-or-recompute choice by size, call `linear_token_logprobs` directly.
+      called per chunk (`chunk_rows`, or MODULE_CHUNK_ROWS for None), followed by the fused
+      `token_logprobs`, under non-reentrant activation checkpointing: the backward re-runs the
+      module on each chunk.
 
     Args:
         hidden_NH: [N, H] final hidden states (after the final norm), any float dtype.
         lm_head: module mapping [C, H] -> [C, V] (e.g. `model.lm_head` or `model.get_output_embeddings()`).
         labels_N: [N] int target ids; -100 = ignored.
-        chunk_rows: rows per chunk.
+        chunk_rows: rows per chunk; None = `linear_token_logprobs`' default (MODULE_CHUNK_ROWS on
+            the module path).
         impl: "auto" | "cuda" | "torch" for the fused log-prob op (see `select_logprobs_impl`).
+        keep_logits: the linear path's memory mode (see `linear_token_logprobs`; None: by size).
+        through_module: run the linear path inside the head's forward, for the module's hooks.
 
     Returns:
         logps_N: [N] fp32, 0 at ignored rows; differentiable w.r.t. hidden_NH and lm_head's parameters.
@@ -298,16 +321,20 @@ def hidden_logprobs(
         raise ValueError(
             f"expected hidden [N, H] and labels [N], got {tuple(hidden_NH.shape)} and {tuple(labels_N.shape)}"
         )
-    if chunk_rows < 1:
+    if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     kept_M = (labels_N != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync: sizes the chunks
     hidden_MH = hidden_NH.index_select(0, kept_M)
     labels_M = labels_N.index_select(0, kept_M)
     full_weight = getattr(lm_head, "weight", None) is not None and lm_head.weight.shape[-1:] == hidden_NH.shape[1:]
-    if is_plain_linear(lm_head) and full_weight:  # (an ungathered ZeRO-3 weight is empty)
-        logps_M = linear_token_logprobs(hidden_MH, lm_head.weight, labels_M, bias_V=lm_head.bias, impl=impl,
-                                        chunk_rows=chunk_rows, keep_logits=False)
+    if is_plain_linear(lm_head) and (through_module or full_weight):  # (an ungathered ZeRO-3 weight is empty)
+        def logps_of(hidden: torch.Tensor) -> torch.Tensor:
+            return linear_token_logprobs(hidden, lm_head.weight, labels_M, bias_V=lm_head.bias, impl=impl,
+                                         chunk_rows=chunk_rows, keep_logits=keep_logits)
+
+        logps_M = run_as_forward(lm_head, logps_of, hidden_MH) if through_module else logps_of(hidden_MH)
     else:
-        logps_M = _module_logprobs(hidden_MH, lm_head, labels_M, chunk_rows, select_logprobs_impl(impl, hidden_MH))
+        logps_M = _module_logprobs(hidden_MH, lm_head, labels_M, chunk_rows or MODULE_CHUNK_ROWS,
+                                   select_logprobs_impl(impl, hidden_MH))
     logps_N = torch.zeros(labels_N.shape[0], dtype=torch.float32, device=hidden_NH.device)
     return logps_N.index_copy(0, kept_M, logps_M)

@@ -155,7 +155,7 @@ def _check_inputs(logits_NV: torch.Tensor, labels_N: torch.Tensor, chunk_rows: i
     return chunk_rows
 
 
-def _cuda_unavailable_reason() -> str | None:
+def cuda_unavailable_reason() -> str | None:
     """None when the CUDA op is loaded (building it on first use if needed), else why not."""
     try:
         from hpalign.ops import cuda_ext
@@ -186,14 +186,14 @@ def select_logprobs_impl(impl: str, logits_NV: torch.Tensor) -> str:
     if impl == "torch":
         return "torch"
     if impl == "cuda":
-        reason = _cuda_unavailable_reason()
+        reason = cuda_unavailable_reason()
         if reason is not None:
             raise RuntimeError(f"token_logprobs(impl='cuda'): {reason}. {CUDA_BUILD_HINT}")
         if not logits_NV.is_cuda:
             raise RuntimeError("token_logprobs(impl='cuda') needs CUDA tensors, got logits on "
                                f"{logits_NV.device}; use impl='auto' or 'torch' for CPU tensors")
         return "cuda"
-    reason = "logits are not on a CUDA device" if not logits_NV.is_cuda else _cuda_unavailable_reason()
+    reason = "logits are not on a CUDA device" if not logits_NV.is_cuda else cuda_unavailable_reason()
     choice = "torch" if reason is not None else "cuda"
     _log_choice_once(choice, reason or "extension loaded, CUDA tensors")
     return choice

@@ -12,7 +12,7 @@ import torch
 from hpalign.data.collate import SequenceBatch
 from hpalign.models import decoder_and_head
 from hpalign.ops.attention import packed_forward_kwargs
-from hpalign.ops.linear_logprobs import hidden_logprobs, is_plain_linear, linear_token_logprobs
+from hpalign.ops.linear_logprobs import hidden_logprobs
 from hpalign.ops.segments import segment_count, segment_sum
 from hpalign.stats import SequenceStats
 
@@ -27,37 +27,16 @@ def _zero3_partitioned(module: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
-def run_as_forward(module: torch.nn.Module, fn, *args):
-    """`fn(*args)` called as `module`'s forward: the hooks DeepSpeed ZeRO-3 put on the module
-    gather its parameters for the call, and again before the result's backward, then release them.
-    How the fused LM-head log-prob op reads a partitioned head weight without pinning a copy."""
-    module.forward = fn
-    try:
-        return module(*args)
-    finally:
-        del module.forward
-
-
 def response_logprobs(hidden_NH: torch.Tensor, head: torch.nn.Module, labels_N: torch.Tensor, *,
                       impl: str = "auto") -> torch.Tensor:
     """log p(label) [N] (0 where label == -100), computing logits only for labelled tokens, with the
-    fused log-prob op (`impl`: auto | cuda | torch) at every size and ZeRO stage: a linear head goes
-    through `linear_token_logprobs` (one matmul's logits kept while they take at most 512 MiB as
-    fp32, else chunks recomputed in the backward, so no [tokens, vocab] tensor exists); under
-    ZeRO-3 it runs as the head's own forward, so the weight is gathered once per forward (and once
-    for the backward), never per chunk. Any other head (LoRA on the LM head) goes chunk by chunk
-    through the module (`hidden_logprobs`)."""
-    if not is_plain_linear(head):
-        return hidden_logprobs(hidden_NH, head, labels_N, impl=impl)
-    kept_M = (labels_N != -100).nonzero().squeeze(1)  # one host sync: sizes the chunks
-    hidden_MH, labels_M = hidden_NH.index_select(0, kept_M), labels_N.index_select(0, kept_M)
-
-    def logps_of(hidden):
-        return linear_token_logprobs(hidden, head.weight, labels_M, bias_V=head.bias, impl=impl)
-
-    logps_M = run_as_forward(head, logps_of, hidden_MH) if _zero3_partitioned(head) else logps_of(hidden_MH)
-    logps_N = torch.zeros(labels_N.shape, dtype=torch.float32, device=hidden_NH.device)
-    return logps_N.index_copy(0, kept_M, logps_M)
+    fused log-prob op (`impl`: auto | cuda | torch) at every size and ZeRO stage: a linear head's
+    logits are kept while they take at most 512 MiB as fp32, else chunks are recomputed in the
+    backward, so no [tokens, vocab] tensor exists; under ZeRO-3 the op runs as the head's own
+    forward, so the weight is gathered once per forward (and once for the backward), never per
+    chunk. Any other head (LoRA on the LM head) goes chunk by chunk through the module."""
+    return hidden_logprobs(hidden_NH, head, labels_N, impl=impl, chunk_rows=None, keep_logits=None,
+                           through_module=_zero3_partitioned(head))
 
 
 def sequence_stats(model: torch.nn.Module, batch: SequenceBatch, *, packed: bool,

@@ -148,13 +148,11 @@ def check_logprob_impl(impl: str) -> None:
     """Fail before any model loads when --logprob_impl cuda cannot run here."""
     if impl != "cuda":
         return
-    from hpalign.ops import cuda_ext
+    from hpalign.ops.logprobs import CUDA_BUILD_HINT, cuda_unavailable_reason
 
-    try:
-        cuda_ext.require_extension()
-    except RuntimeError as err:
-        raise ValueError(f"--logprob_impl cuda: {err}. Build the extension on a GPU machine (csrc/README.md) "
-                         "or pass --logprob_impl auto (uses it when it is built) or torch.") from err
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        raise ValueError(f"--logprob_impl cuda: {reason}. {CUDA_BUILD_HINT} (as a flag: --logprob_impl auto or torch)")
 
 
 def make_collate(*, pad_id: int, packed: bool, max_tokens: int | None, share_prompt: bool = False):

@@ -50,11 +50,13 @@ def test_sequence_stats_equal_full_logits_on_both_memory_modes(monkeypatch, keep
 def test_logprob_impl_reaches_the_op(monkeypatch):
     """--logprob_impl travels session -> sequence_stats -> the fused op; `cuda` on this CPU machine
     reaches the op's own clear error."""
+    from hpalign.ops import linear_logprobs
     from hpalign.train.session import stats_functions
 
     seen = []
-    real = forward.linear_token_logprobs
-    monkeypatch.setattr(forward, "linear_token_logprobs", lambda *a, **kw: seen.append(kw["impl"]) or real(*a, **kw))
+    real = linear_logprobs.linear_token_logprobs
+    monkeypatch.setattr(linear_logprobs, "linear_token_logprobs",
+                        lambda *a, **kw: seen.append(kw["impl"]) or real(*a, **kw))
     model, _ = build_tiny_llama(seed=0)
     session = SimpleNamespace(engine=SimpleNamespace(module=model), packed=False, reference=model,
                               algorithm=SimpleNamespace(forward="logps", needs_reference=True),
@@ -74,6 +76,8 @@ def test_run_as_forward_goes_through_the_module_hooks_and_restores_forward():
     calls = []
     head.register_forward_pre_hook(lambda module, args: calls.append("pre"))
     head.register_forward_hook(lambda module, args, out: calls.append("post"))
-    out = forward.run_as_forward(head, lambda h: h.sum(-1) * 2, torch.ones(3, 4))
+    from hpalign.ops.linear_logprobs import run_as_forward
+
+    out = run_as_forward(head, lambda h: h.sum(-1) * 2, torch.ones(3, 4))
     assert calls == ["pre", "post"] and out.tolist() == [8.0, 8.0, 8.0]
     assert "forward" not in head.__dict__ and head(torch.ones(1, 4)).shape == (1, 6)
