@@ -79,9 +79,9 @@ def test_metric_window_gathers_host_counts_and_device_sums_on_the_communication_
     distributed.set_layout(ProcessLayout(communication_device=torch.device("meta")), FakeNcclOnMeta())
     try:
         window = MetricWindow()
-        window.add_step(sums={"train/loss": torch.tensor(1.0, device="meta"), "train/num_tokens": torch.tensor(7.0)},
+        window.add_step(sums={"train/loss": torch.tensor(1.0, device="meta"), "train/num_computed_tokens": torch.tensor(7.0)},
                         shared={"train/grad_norm": torch.tensor(2.0, device="meta")}, host={})
-        assert set(window.reduce()) == {"train/loss", "train/num_tokens", "train/grad_norm"}
+        assert set(window.reduce()) == {"train/loss", "train/num_computed_tokens", "train/grad_norm"}
     finally:
         distributed.set_layout(ProcessLayout())
 

@@ -167,12 +167,11 @@ def run_step(engine, *, algorithm: Algorithm, params, plan: BatchPlan, step: int
                                  timer=timer)
     # Throughput counts the data's tokens (prompt + response per sequence, as a padded trainer counts
     # its non-pad tokens); the share actually computed is below 1 when prompts are shared.
-    local_examples = [examples[i] for indices in index_lists for i in indices]
-    sums["num_tokens"] = torch.tensor(float(sum(example_lengths(local_examples))))
+    # Every rank knows the global data-token count; the computed tokens are this rank's (summed).
     sums["num_computed_tokens"] = torch.tensor(float(sum(int((b.seq_index >= 0).sum()) for b in micro_batches)))
     num_tokens = sum(example_lengths([examples[i] for i in global_indices]))
     seconds = time.perf_counter() - start
-    host = {"train/learning_rate": engine.lr_scheduler.get_last_lr()[0],
+    host = {"train/num_tokens": num_tokens, "train/learning_rate": engine.lr_scheduler.get_last_lr()[0],
             "train/tokens_per_second": num_tokens / max(seconds, 1e-9), "train/step_seconds": seconds,
             **{f"train/time/{phase}": value for phase, value in timer.seconds.items()}}
     if engine.device.type == "cuda":  # the allocator's own counter: no device sync
@@ -183,7 +182,8 @@ def run_step(engine, *, algorithm: Algorithm, params, plan: BatchPlan, step: int
 
 
 def finish_window(metrics: dict[str, float]) -> dict[str, float]:
-    """The reduced window's derived metrics: the share of data tokens actually computed."""
+    """The reduced window's derived metrics: the share of data tokens actually computed (both are
+    per-step means over the window, so their ratio is that of the window's totals)."""
     num_tokens = metrics.pop("train/num_tokens", 0.0)
     computed = metrics.pop("train/num_computed_tokens", 0.0)
     metrics["train/computed_token_share"] = computed / max(num_tokens, 1.0)

@@ -18,6 +18,8 @@ def test_dpo_lora_loss_falls_and_heldout_accuracy_rises(tmp_path):
     run_dir = tmp_path / "dpo"
     losses = [r["train/loss"] for r in train_records(run_dir)]
     assert len(losses) == 30
+    # shared prompts: each pair's prompt is computed once, so less than every data token is computed
+    assert all(0.3 < r["train/computed_token_share"] < 1.0 for r in train_records(run_dir))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05, losses
     before, after = eval_records(run_dir)[0], eval_records(run_dir)[-1]
     assert before["eval/rewards/accuracies"] == pytest.approx(0.5)  # policy == reference: every margin is 0
@@ -41,5 +43,7 @@ def test_full_finetuning_with_frozen_reference(tmp_path):
     run_dir = tmp_path / "full"
     losses = [r["train/loss"] for r in train_records(run_dir)]
     assert losses[-1] < losses[0]
+    # padded rows repeat the prompt: every data token is computed, padding is not counted
+    assert all(r["train/computed_token_share"] == pytest.approx(1.0) for r in train_records(run_dir))
     assert eval_records(run_dir)[-1]["eval/rewards/accuracies"] > 0.6
     assert (run_dir / "checkpoint-12" / "model.safetensors").exists()
