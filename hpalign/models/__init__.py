@@ -7,6 +7,7 @@ imports deepspeed, and peft / transformers are imported only when a function nee
 from hpalign.models.access import (
     base_causal_lm,
     decoder_and_head,
+    decoder_of,
     frozen_copy,
     hidden_size,
     is_peft_model,
@@ -49,7 +50,7 @@ from hpalign.models.value_head import ValueHead, load_value_head, save_value_hea
 __all__ = [
     "SMOLLM2_NAME", "TINY_NAME", "ModelSource", "RewardModel", "ValueHead", "is_reward_model",
     "load_reward_model", "split_reward_state_dict", "apply_lora", "base_causal_lm",
-    "cache_root", "decoder_and_head", "disable_dropout", "ensure_pad_token", "ensure_smollm2_cached", "frozen_copy",
+    "cache_root", "decoder_and_head", "decoder_of", "disable_dropout", "ensure_pad_token", "ensure_smollm2_cached", "frozen_copy",
     "hidden_size", "is_peft_model", "linear_module_names", "load_policy", "load_reference",
     "load_tokenizer", "load_value_head", "lora_target_names", "reference_forward_context",
     "resolve_attn_impl", "resolve_dtype", "resolve_model", "save_pretrained_weights",

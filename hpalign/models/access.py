@@ -47,6 +47,18 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return decoder, head
 
 
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The transformer backbone alone, for models that need no LM head (reward and value models):
+    a causal LM's decoder, or the backbone of an HF sequence-classification model."""
+    base = base_causal_lm(model)
+    get_decoder = getattr(base, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if decoder is None or decoder is base:
+        raise ValueError(f"{type(base).__name__} does not expose a decoder backbone (get_decoder): pass a "
+                         "causal LM (AutoModelForCausalLM) or a sequence-classification model")
+    return decoder
+
+
 def hidden_size(model: nn.Module) -> int:
     """The width of the backbone's hidden states (what a value head reads)."""
     config = base_causal_lm(model).config

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from hpalign.data.collate import SequenceBatch
-from hpalign.models import decoder_and_head
+from hpalign.models import decoder_and_head, decoder_of
 from hpalign.ops.attention import packed_forward_kwargs
 from hpalign.ops.linear_logprobs import hidden_logprobs
 from hpalign.ops.segments import segment_count, segment_sum
@@ -73,7 +73,7 @@ def last_token_positions(seq_ids_N: torch.Tensor, num_sequences: int) -> torch.T
 
 def reward_stats(model: torch.nn.Module, batch: SequenceBatch, *, packed: bool) -> SequenceStats:
     """Scalar rewards r(x, y) [E, R]: the value head on the hidden state of each sequence's last token."""
-    decoder, _ = decoder_and_head(model.lm)
+    decoder = decoder_of(model.lm)
     outputs = decoder(input_ids=batch.input_ids, use_cache=False, **backbone_kwargs(batch, packed=packed))
     hidden_NH = outputs.last_hidden_state.flatten(0, 1)
     last_S = last_token_positions(batch.seq_index.flatten(), batch.num_sequences)
