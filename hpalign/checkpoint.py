@@ -58,19 +58,22 @@ def _consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
 
 
 def save_checkpoint(engine, *, run_dir: Path, step: int, tokenizer, trainer_state: dict[str, Any],
-                    save_total_limit: int | None) -> Path:
-    """Write checkpoint-<step> atomically (a collective: every rank calls it)."""
+                    save_total_limit: int | None, extra_engines: dict[str, Any] | None = None) -> Path:
+    """Write checkpoint-<step> atomically (a collective: every rank calls it). `extra_engines`
+    (PPO's value model) go to sub-folders of the same name: weights and DeepSpeed state each."""
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f".tmp-checkpoint-{step}"
     if distributed.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     distributed.barrier()
-    engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
-    state_dict = _consolidated_state_dict(engine)
+    for directory, each in [(tmp, engine), *((tmp / name, extra) for name, extra in (extra_engines or {}).items())]:
+        each.save_checkpoint(str(directory / "deepspeed"), tag="state")
+        state_dict = _consolidated_state_dict(each)
+        if distributed.is_main():
+            save_model_weights(each.module, directory, state_dict=state_dict, tokenizer=tokenizer)
     torch.save(_rng_state(), tmp / f"rng_state_{distributed.rank()}.pt")
     if distributed.is_main():
-        save_model_weights(engine.module, tmp, state_dict=state_dict, tokenizer=tokenizer)
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
     distributed.barrier()
     if distributed.is_main():
@@ -110,12 +113,14 @@ def _rotate(run_dir: Path, save_total_limit: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(engine, path: Path) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and this rank's RNG; return the trainer state."""
-    load_path, _ = engine.load_checkpoint(str(path / "deepspeed"), tag="state",
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
-    if load_path is None:
-        raise ValueError(f"DeepSpeed could not load the state in {path / 'deepspeed'}")
+def load_checkpoint(engine, path: Path, *, extra_engines: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler (of `engine` and each of `extra_engines`, from the
+    sub-folders `save_checkpoint` wrote) and this rank's RNG; return the trainer state."""
+    for directory, each in [(path, engine), *((path / name, extra) for name, extra in (extra_engines or {}).items())]:
+        load_path, _ = each.load_checkpoint(str(directory / "deepspeed"), tag="state",
+                                            load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise ValueError(f"DeepSpeed could not load the state in {directory / 'deepspeed'}")
     rng_file = path / f"rng_state_{distributed.rank()}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))

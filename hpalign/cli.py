@@ -27,6 +27,7 @@ commands:
   sft      supervised fine-tuning (= hpalign rlhf --rlhf_type sft)
   config   --show [flags]: print the resolved configuration as YAML
   score    --checkpoint DIR --dataset FILE: a reward model's accuracy and mean rewards on pairs
+  export   --checkpoint DIR --seq_cls --output OUT: a reward model as an HF sequence-classification model
 
 `hpalign <command> --help` lists every flag. Set HPALIGN_DEBUG=1 for tracebacks on errors."""
 
@@ -132,8 +133,15 @@ def cmd_score(argv: list[str]) -> int:
     return score.main(argv)
 
 
+def cmd_export(argv: list[str]) -> int:
+    """Export a reward-model checkpoint for other tools (see `hpalign.export`)."""
+    from hpalign import export  # heavy (torch, transformers, peft): imported only when exporting
+
+    return export.main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"rlhf": cmd_rlhf, "sft": cmd_sft, "config": cmd_config,
-                                                   "score": cmd_score}
+                                                   "score": cmd_score, "export": cmd_export}
 
 
 def _guarded(name: str, fn: Callable[[], int]) -> int:

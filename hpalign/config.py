@@ -173,7 +173,26 @@ class PPOConfig:
     response_length: int = field(default=53, metadata={"help": "PPO: max tokens sampled per response."})
     num_ppo_epochs: int = field(default=4, metadata={"help": "PPO: optimisation epochs over each rollout batch."})
     num_mini_batches: int = field(default=1, metadata={"help": "PPO: mini-batches each rollout batch is split into."})
-    temperature: float = field(default=0.7, metadata={"help": "PPO: sampling temperature of the rollouts."})
+    temperature: float = field(default=0.7, metadata={"help": "PPO: sampling temperature of the rollouts (the "
+                               "policy's log-probs in training are of the same tempered distribution, as in TRL)."})
+    stop_token: str = field(
+        default="eos", metadata={"help": "PPO: eos (responses end at the chat template's end-of-turn token, "
+                                 "TRL's recipe) or none (always sample --response_length tokens, as the swift "
+                                 "document's runs do)."})
+    missing_eos_penalty: float | None = field(
+        default=1.0, metadata={"help": "PPO: subtracted from the score of a response that reached "
+                               "--response_length without an end-of-turn token (none: no penalty; only "
+                               "meaningful with --stop_token eos)."})
+    kl_estimator: str = field(
+        default="k1", metadata={"help": "PPO: per-token KL estimate in the reward: k1 (log pi - log ref, "
+                                "unbiased) or k3 ((r - 1) - log r with r = ref / pi, non-negative, lower variance)."})
+    reward_funcs: list[str] = field(
+        default_factory=list, metadata={"help": "PPO: rule rewards summed into the score: emoji, accuracy, length "
+                                        "(hpalign/rl/rewards.py). Default: none with --reward_model_id_or_path; "
+                                        "emoji accuracy length on the built-in data without one."})
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "PPO: one weight per --reward_funcs entry (default 1 each); a reward "
+                                "model's score always has weight 1."})
 
 
 @dataclass
@@ -353,14 +372,31 @@ def _ppo_errors(p: PPOConfig) -> list[str]:
             errors.append(f"--{flag} is {value}; it must be in [0, 1].")
     if p.temperature <= 0:
         errors.append(f"--temperature is {p.temperature}; it must be > 0 (sampling needs a positive temperature).")
+    _choice(errors, "stop_token", p.stop_token, ("eos", "none"))
+    _choice(errors, "kl_estimator", p.kl_estimator, ("k1", "k3"))
+    if p.reward_weights is not None and len(p.reward_weights) != len(p.reward_funcs):
+        errors.append(f"--reward_weights has {len(p.reward_weights)} values for {len(p.reward_funcs)} "
+                      "--reward_funcs; give one weight per reward function.")
     return errors
 
 
+# PPO's prompt budget (--max_length - --response_length) must exceed this: it is
+# hpalign.data.templates.MIN_PROMPT_TOKENS (not imported: the config stays free of the data layer).
+PPO_MIN_PROMPT_TOKENS = 8
+
+
 def _cross_errors(cfg: Config) -> list[str]:
+    errors: list[str] = []
     if cfg.model.attn_impl == "eager" and cfg.data.packing:
-        return ["--attn_impl eager cannot attend per sequence inside packed rows; use --attn_impl sdpa or "
-                "flash_attention_2 with packing, or --packing false for eager attention."]
-    return []
+        errors.append("--attn_impl eager cannot attend per sequence inside packed rows; use --attn_impl sdpa or "
+                      "flash_attention_2 with packing, or --packing false for eager attention.")
+    max_length, response_length = cfg.data.max_length, cfg.ppo.response_length
+    if cfg.algorithm.rlhf_type == "ppo" and response_length >= max_length - PPO_MIN_PROMPT_TOKENS:
+        errors.append(f"--response_length {response_length} leaves {max_length - response_length} of --max_length "
+                      f"{max_length} tokens for the prompt (PPO needs more than {PPO_MIN_PROMPT_TOKENS}); raise "
+                      f"--max_length to at least {response_length + PPO_MIN_PROMPT_TOKENS + 1} or lower "
+                      f"--response_length to at most {max_length - PPO_MIN_PROMPT_TOKENS - 1}.")
+    return errors
 
 
 def unused_flag_warnings(cfg: Config, *, needs_reference: bool) -> list[str]:

@@ -50,6 +50,13 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(dict(metrics), step=step)
 
+    def log_table(self, name: str, columns: list[str], rows: list[list], *, step: int) -> None:
+        """A table of rows (PPO's samples) to W&B; the caller keeps its own file copy."""
+        if self.enabled and self._wandb is not None:
+            import wandb
+
+            self._wandb.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()

@@ -33,3 +33,22 @@ class StepCounts:
     num_desirable: float = 0.0  # KTO
     num_undesirable: float = 0.0  # KTO
     kl_reference_point: float = 0.0  # KTO's z0, estimated over the step's global batch
+
+
+@dataclass
+class TokenStats:
+    """Per-token statistics of a micro-batch's response tokens, flat in row-major order (the
+    tokens that carry a label); `as_matrix` turns any of them into PPO's [S, T] response matrices."""
+
+    seq_ids_M: torch.Tensor  # [M] sequence id of each response token
+    offsets_M: torch.Tensor  # [M] its index within its response (0 = first response token)
+    num_sequences: int
+    logps_M: torch.Tensor | None = None  # [M] log p(token), differentiable
+    entropy_M: torch.Tensor | None = None  # [M] entropy of the predicted distribution (no grad)
+    values_M: torch.Tensor | None = None  # [M] value estimates, differentiable
+
+    def as_matrix(self, values_M: torch.Tensor, width: int) -> torch.Tensor:
+        """[S, width] response matrix of per-token `values_M` (0 past each response's end)."""
+        from hpalign.ops.segments import segments_to_padded
+
+        return segments_to_padded(values_M, self.seq_ids_M, self.offsets_M, self.num_sequences, width)

@@ -10,6 +10,7 @@ import pytest
 
 from hpalign.cli_args import parse_config
 from hpalign.config import (
+    PPO_MIN_PROMPT_TOKENS,
     SECTIONS,
     Config,
     PPOConfig,
@@ -143,6 +144,24 @@ def test_deepspeed_json_file_is_accepted(tmp_path: Path) -> None:
 
 def test_max_steps_alone_is_enough_to_train() -> None:
     validate(make(num_train_epochs=0.0, max_steps=10))
+
+
+def test_ppo_response_length_must_leave_room_for_the_prompt() -> None:
+    with pytest.raises(ValueError) as info:
+        validate(make(rlhf_type="ppo", max_length=64, response_length=56, attn_impl="eager"))
+    message = str(info.value)
+    assert "--response_length 56 leaves 8 of --max_length 64 tokens for the prompt (PPO needs more than 8)" in message
+    assert "raise --max_length to at least 65 or lower --response_length to at most 55" in message
+    assert "--attn_impl eager cannot attend" in message  # every cross-section problem at once
+    validate(make(rlhf_type="ppo", max_length=64, response_length=55))  # 9 prompt tokens: enough
+    validate(make(rlhf_type="dpo", max_length=64, response_length=56))  # only PPO samples responses
+    validate(resolve_defaults(make(rlhf_type="ppo")))  # the defaults (1024, 53) fit
+
+
+def test_ppo_prompt_minimum_is_the_tokenizers_minimum_budget() -> None:
+    from hpalign.data.templates import MIN_PROMPT_TOKENS
+
+    assert PPO_MIN_PROMPT_TOKENS == MIN_PROMPT_TOKENS  # a valid config never fails in tokenize_examples
 
 
 # --- files --------------------------------------------------------------------------------------

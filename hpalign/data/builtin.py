@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from hpalign.data.types import KTOExample, Message, PreferenceExample, SFTExample, pairs_to_kto
+from hpalign.data.types import KTOExample, Message, PreferenceExample, PromptExample, SFTExample, pairs_to_kto
 
 BUILTIN_NAME = "builtin-emoji"
 NUM_TRAIN, NUM_TEST = 400, 64
@@ -145,13 +145,14 @@ def _pairs(split: str, seed: int) -> list[PreferenceExample]:
 
 
 def builtin_dataset(kind: str = "pair", split: str = "train", *, seed: int = 0
-                    ) -> list[PreferenceExample] | list[KTOExample] | list[SFTExample]:
+                    ) -> list[PreferenceExample] | list[KTOExample] | list[SFTExample] | list[PromptExample]:
     """The built-in set: "train" (400 pairs) or "test" (64 pairs, questions disjoint from train).
 
     kind "pair" -> PreferenceExample; "kto" -> one KTOExample per pair, truly unpaired: the chosen
     answer (desirable) of even pairs, the rejected one (undesirable) of odd pairs, so no prompt is
     seen with both answers and n_D = n_U (a user's pair file still gives two rows per pair,
-    `pairs_to_kto`); "sft" -> SFTExample of the chosen answers. Same seed, same data.
+    `pairs_to_kto`); "sft" -> SFTExample of the chosen answers; "prompt" -> PromptExample, one per
+    pair (its prompt and source, for PPO, which samples its own answers). Same seed, same data.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} of {BUILTIN_NAME}; expected one of {SPLITS}")
@@ -163,7 +164,9 @@ def builtin_dataset(kind: str = "pair", split: str = "train", *, seed: int = 0
         return [both[2 * i + i % 2] for i in range(len(pairs))]
     if kind == "sft":
         return [SFTExample(p.prompt, p.chosen, p.source) for p in pairs]
-    raise ValueError(f"unknown data kind {kind!r}; expected pair, kto or sft")
+    if kind == "prompt":
+        return [PromptExample(p.prompt, p.source) for p in pairs]
+    raise ValueError(f"unknown data kind {kind!r}; expected pair, kto, sft or prompt")
 
 
 EMOJI_RANGES = (

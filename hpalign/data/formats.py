@@ -1,9 +1,9 @@
-"""Loading pair, KTO and SFT data from local files; every bad row is named by file and line or row.
+"""Loading pair, KTO, SFT and prompt data from local files; every bad row is named by file and line or row.
 
 Files: .jsonl (source "path:LINE", 1-based), .json (a list, or {"data": [...]}), .parquet, .csv/.tsv
 and `datasets.save_to_disk` folders (source "path:row N", 0-based). The format is detected per row
-from its columns (see `PAIR_FORMATS`, `KTO_FORMATS`, `SFT_FORMATS`); history always ends up in the
-prompt, a list of chat messages ending with the last user turn (system message first).
+from its columns (see `PAIR_FORMATS`, `KTO_FORMATS`, `SFT_FORMATS`, `PROMPT_FORMATS`); history always
+ends up in the prompt, a list of chat messages ending with the last user turn (system message first).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from hpalign.data.types import (
     LoadReport,
     Message,
     PreferenceExample,
+    PromptExample,
     SFTExample,
     pairs_to_kto,
 )
@@ -43,6 +44,12 @@ SFT_FORMATS = (
     "prompt/response or query/response (+ optional system, history)",
     "messages (ending with the assistant turn)",
     "any pair format: the chosen answer is the response",
+)
+PROMPT_FORMATS = (
+    "prompt or query, a string or chat messages ending with a user turn (+ optional system, history), no response",
+    "messages (ending with a user turn, or with an assistant turn: the response, dropped)",
+    "any row the pair, KTO or SFT kinds accept (prompt/chosen/rejected, query/response, prompt/completion/label, "
+    "HH-RLHF ...): its prompt is kept, its responses dropped (counted)",
 )
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -287,7 +294,35 @@ def parse_sft(row: Row, source: str) -> list[SFTExample]:
     return [SFTExample(prompt, response_text(row[name], prompt, source, name), source)]
 
 
+def _conversation_prompt(value: Any, source: str) -> tuple[list[Message], int]:
+    """A `messages` conversation as a prompt: a final assistant turn is its response, dropped."""
+    messages = to_messages(value, source, "messages")
+    if messages and messages[-1]["role"] == "assistant":
+        return _split_conversation(value, source, "messages")[0], 1
+    return _check_prompt(messages, source, "messages"), 0
+
+
+def parse_prompt(row: Row, source: str) -> tuple[PromptExample, int]:
+    """One row of any `PROMPT_FORMATS` layout, and how many responses it carried (dropped).
+
+    A row with responses is parsed by the pair or SFT parser (which also reads KTO rows: the label
+    is ignored), so its prompt, history and system included, is built exactly as for those kinds.
+    """
+    if _has(row, "rejected") or _has(row, "rejected_response"):
+        return PromptExample(parse_pair(row, source)[0].prompt, source), 2
+    if _has(row, "messages"):
+        prompt, num_dropped = _conversation_prompt(row["messages"], source)
+        return PromptExample(prompt, source), num_dropped
+    prompt_name = _prompt_field(row)
+    if prompt_name is None:
+        raise _missing(row, "prompt", source, PROMPT_FORMATS)
+    if any(_has(row, name) for name in ("response", "completion", "chosen")):
+        return PromptExample(parse_sft(row, source)[0].prompt, source), 1
+    return PromptExample(build_prompt(row, prompt_name, source), source), 0
+
+
 PARSERS: dict[str, Callable[[Row, str], list]] = {"pair": parse_pair, "kto": parse_kto, "sft": parse_sft}
+KINDS = (*PARSERS, "prompt")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -300,18 +335,27 @@ def _load_builtin(path: str, kind: str) -> list:
     return builtin_dataset(kind, split)
 
 
+def _parse_row(row: Row, source: str, kind: str, report: LoadReport) -> list:
+    if kind != "prompt":
+        return PARSERS[kind](row, source)
+    example, num_dropped = parse_prompt(row, source)
+    report.num_dropped_responses += num_dropped  # only once the row is known good
+    return [example]
+
+
 def load_examples(paths: list[str], *, kind: str, skip_bad_rows: bool = False,
                   report: LoadReport | None = None) -> list:
     """Load and validate every row of `paths` (concatenated) as `kind` examples.
 
-    kind: "pair" -> PreferenceExample, "kto" -> KTOExample, "sft" -> SFTExample. `"builtin-emoji"`
+    kind: "pair" -> PreferenceExample, "kto" -> KTOExample, "sft" -> SFTExample, "prompt" ->
+    PromptExample (responses dropped, counted in `report.num_dropped_responses`). `"builtin-emoji"`
     (or "builtin-emoji:test") names the built-in set. A bad row raises `DataFormatError` naming
     its file, line/row and field, unless `skip_bad_rows`, which counts it in `report` instead.
     """
     from hpalign.data.builtin import BUILTIN_NAME
 
-    if kind not in PARSERS:
-        raise ValueError(f"unknown data kind {kind!r}; expected one of {sorted(PARSERS)}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown data kind {kind!r}; expected one of {sorted(KINDS)}")
     if not paths:
         raise ValueError("no data set given: pass --dataset with local files (or builtin-emoji)")
     report = report if report is not None else LoadReport()
@@ -327,7 +371,7 @@ def load_examples(paths: list[str], *, kind: str, skip_bad_rows: bool = False,
             try:
                 if isinstance(row, DataFormatError):
                     raise row
-                examples += PARSERS[kind](row, source)
+                examples += _parse_row(row, source, kind, report)
             except DataFormatError as err:
                 if not skip_bad_rows:
                     raise DataFormatError(err.source, err.field_name,

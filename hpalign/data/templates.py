@@ -24,6 +24,7 @@ from hpalign.data.types import (
     LoadReport,
     Message,
     PreferenceExample,
+    PromptExample,
     SFTExample,
     TokenizedExample,
 )
@@ -162,35 +163,40 @@ def truncate_example(prompt_ids: list[int], responses: list[list[int]], max_leng
 
     Rule: first drop prompt tokens from the LEFT, keeping every response whole; only a response
     that alone leaves fewer than k = min(len(prompt), MIN_PROMPT_TOKENS) prompt tokens is cut
-    from the RIGHT to max_length - k tokens (it then loses its end-of-turn token).
+    from the RIGHT to max_length - k tokens (it then loses its end-of-turn token). With no
+    responses (a prompt example) the prompt alone is fitted into `max_length`.
     Returns (prompt_ids, responses, prompt_cut, response_cut).
     """
     keep = min(len(prompt_ids), MIN_PROMPT_TOKENS)
     budget = max_length - keep
     response_cut = any(len(r) > budget for r in responses)
     responses = [r[:budget] for r in responses]
-    prompt_budget = max_length - max(len(r) for r in responses)
+    prompt_budget = max_length - max((len(r) for r in responses), default=0)
     prompt_cut = len(prompt_ids) > prompt_budget
     if prompt_cut:
         prompt_ids = prompt_ids[len(prompt_ids) - prompt_budget:]
     return prompt_ids, responses, prompt_cut, response_cut
 
 
-def _texts(example: PreferenceExample | KTOExample | SFTExample) -> tuple[list[str], bool | None, float | None]:
+def _texts(example: PreferenceExample | KTOExample | SFTExample | PromptExample
+           ) -> tuple[list[str], bool | None, float | None]:
     if isinstance(example, PreferenceExample):
         return [example.chosen, example.rejected], None, example.margin
     if isinstance(example, KTOExample):
         return [example.completion], example.label, None
     if isinstance(example, SFTExample):
         return [example.response], None, None
+    if isinstance(example, PromptExample):
+        return [], None, None
     raise TypeError(f"cannot tokenize a {type(example).__name__}")
 
 
 def tokenize_examples(examples: list, template: ChatTemplate, *, max_length: int,
                       report: LoadReport) -> list[TokenizedExample]:
-    """Template and tokenize pairs (responses [chosen, rejected]), KTO ([completion], label) and
-    SFT ([response]) examples; truncate by `truncate_example`, counting into `report`
-    (`num_truncated`: prompt cut, `num_truncated_response`: a response cut)."""
+    """Template and tokenize pairs (responses [chosen, rejected]), KTO ([completion], label), SFT
+    ([response]) and prompt ([]) examples; truncate by `truncate_example`, counting into `report`
+    (`num_truncated`: prompt cut, `num_truncated_response`: a response cut). For prompt examples
+    `max_length` is the prompt budget (the caller leaves room for the sampled response)."""
     if max_length <= MIN_PROMPT_TOKENS:
         raise ValueError(f"max_length must exceed {MIN_PROMPT_TOKENS} tokens, got {max_length}")
     tokenized = []

@@ -48,12 +48,21 @@ class SFTExample:
 
 
 @dataclass
+class PromptExample:
+    """A prompt alone (PPO samples its own responses): the conversation up to the answer, as chat
+    messages ending with a user turn, exactly like `PreferenceExample.prompt`."""
+
+    prompt: list[Message]
+    source: str
+
+
+@dataclass
 class TokenizedExample:
     """Token ids of one example after templating and truncation.
 
     `prompt_ids` holds every templated token before the response (system, history, last user turn,
     assistant header); each entry of `responses` holds a response's tokens including its end-of-turn
-    token. A pair has two responses (chosen, rejected), KTO and SFT one.
+    token. A pair has two responses (chosen, rejected), KTO and SFT one, a prompt none.
     """
 
     prompt_ids: list[int]
@@ -73,6 +82,7 @@ class LoadReport:
     skipped: list[str] = field(default_factory=list)  # "source: reason", for the log
     num_truncated: int = 0
     num_truncated_response: int = 0
+    num_dropped_responses: int = 0  # prompt kind: responses of pair/KTO/SFT rows left out
 
 
 def pairs_to_kto(pairs: list[PreferenceExample]) -> list[KTOExample]:

@@ -25,6 +25,7 @@ from hpalign.losses.orpo import log1mexp, log_odds, orpo_losses
 from hpalign.losses.pairwise import check_per_example, pair_metrics, smoothed_sigmoid_losses
 from hpalign.losses.ppo import (
     gae_advantages,
+    kl_estimate,
     kl_penalised_rewards,
     ppo_policy_losses,
     ppo_value_losses,
@@ -50,6 +51,7 @@ __all__ = [
     "nll_sum",
     "orpo_losses",
     "pair_metrics",
+    "kl_estimate",
     "ppo_policy_losses",
     "ppo_value_losses",
     "reward_losses",

@@ -10,35 +10,56 @@ whiten_rewards False (when True the loop calls whiten(rewards, mask, shift_mean=
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 
-def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, *,
+           sum_over_ranks: Callable[[Tensor], Tensor] = _identity) -> Tensor:
     """(v - mean) / sqrt(var + 1e-8) over the masked entries (unbiased var, TRL's masked_whiten);
-    the mean is added back when shift_mean is False. Entries outside the mask come back 0."""
+    the mean is added back when shift_mean is False. Entries outside the mask come back 0.
+    `sum_over_ranks` sums the moments over data-parallel ranks, so N ranks whiten as one process."""
     mask_f = mask.to(values.dtype)
-    num = mask_f.sum()
-    mean = (values * mask_f).sum() / num.clamp(min=1.0)
+    num, total = sum_over_ranks(torch.stack([mask_f.sum(), (values * mask_f).sum()]))
+    mean = total / num.clamp(min=1.0)
     # Bessel's correction; clamps rather than a raise keep tiny or empty masks finite without a sync.
-    var = ((values - mean) ** 2 * mask_f).sum() / (num - 1).clamp(min=1.0)
+    var = sum_over_ranks(((values - mean) ** 2 * mask_f).sum()) / (num - 1).clamp(min=1.0)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask_f
 
 
-def kl_penalised_rewards(
-    score_B: Tensor, logps_BT: Tensor, ref_logps_BT: Tensor, mask_BT: Tensor, *, kl_coef: float = 0.05
-) -> Tensor:
-    """Per-token rewards [B, T]: -kl_coef (log pi - log ref) on each response token (the k1 KL
-    estimate), plus the reward model's score [B] on the LAST masked token; 0 on padding.
+def kl_estimate(logps_BT: Tensor, ref_logps_BT: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token KL(pi || ref) estimate at the sampled token (Schulman, "Approximating KL
+    divergence", 2020): k1 = log pi - log ref (unbiased; TRL's default), or k3 = (r - 1) - log r
+    with r = ref / pi (unbiased and never negative, lower variance)."""
+    log_ratio_BT = ref_logps_BT - logps_BT
+    if estimator == "k1":
+        return -log_ratio_BT
+    if estimator == "k3":
+        return torch.expm1(log_ratio_BT) - log_ratio_BT
+    raise ValueError(f"--kl_estimator {estimator!r}: use k1 or k3")
 
-    TRL puts the score one position after the last token (its sequence_lengths_p1); here it goes
-    on the last real token, where a value estimate exists. Call under torch.no_grad().
+
+def kl_penalised_rewards(score_B: Tensor, kl_BT: Tensor, mask_BT: Tensor, *, kl_coef: float = 0.05) -> Tensor:
+    """Per-token rewards [B, T]: -kl_coef * kl_t on each response token (`kl_estimate`), plus the
+    score [B] on the LAST masked token; 0 on padding.
+
+    Where the score goes: TRL's PPOv2 puts it one position after the last token
+    (sequence_lengths_p1) when the response ended before the length limit, and keeps one value
+    estimate there, of the token after the end; at the length limit it uses the last token, as
+    here. hpalign always uses the last real token (as OpenRLHF does), where the episode ends.
+    Call under torch.no_grad().
     """
-    mask_f = mask_BT.to(logps_BT.dtype)
-    rewards_BT = -kl_coef * (logps_BT - ref_logps_BT) * mask_f
+    mask_f = mask_BT.to(kl_BT.dtype)
+    rewards_BT = -kl_coef * kl_BT * mask_f
     positions_T = torch.arange(mask_BT.shape[1], device=mask_BT.device)
     last_B = (positions_T * mask_f).argmax(dim=1)  # last masked position; 0 when the row is empty
     has_tokens_B = mask_f.amax(dim=1)
@@ -119,4 +140,4 @@ def ppo_value_losses(
     return losses_BT.sum(1), metrics
 
 
-__all__ = ["gae_advantages", "kl_penalised_rewards", "ppo_policy_losses", "ppo_value_losses", "whiten"]
+__all__ = ["gae_advantages", "kl_estimate", "kl_penalised_rewards", "ppo_policy_losses", "ppo_value_losses", "whiten"]

@@ -2,17 +2,29 @@
 
 Used by reward modelling (`--rlhf_type rm`) and, later, as PPO's reward and value models. The head is
 saved as `value_head.safetensors` beside the (LoRA or full) model weights, as the swift document says.
+`load_seq_cls_reward_model` reads the other common form, an HF `...ForSequenceClassification`
+checkpoint with one label (what `hpalign export --seq_cls` writes), into the same RewardModel.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from hpalign.models.access import hidden_size
-from hpalign.models.value_head import ValueHead, load_value_head
+from hpalign.models.loading import resolve_attn_impl, resolve_dtype
+from hpalign.models.value_head import VALUE_HEAD_SAFETENSORS, ValueHead, load_value_head
+
+logger = logging.getLogger(__name__)
+
+SEQ_CLS_SUFFIX = "ForSequenceClassification"
+# config.json key written by `hpalign export --seq_cls --drop_bias`: the value-head bias the export
+# dropped, so hpalign's reward = the exported model's score + this offset.
+REWARD_OFFSET_KEY = "hpalign_reward_offset"
 
 
 class RewardModel(nn.Module):
@@ -46,3 +58,58 @@ def split_reward_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict, 
 def load_reward_model(lm: nn.Module, directory: str | Path) -> RewardModel:
     """Attach the value head saved in `directory` to an already loaded (and adapted) `lm`."""
     return RewardModel(lm, load_value_head(directory, hidden_size(lm)))
+
+
+def load_seq_cls_reward_model(path: str | Path, *, dtype: torch.dtype | str,
+                              attn_impl: str = "sdpa") -> RewardModel:
+    """An HF sequence-classification checkpoint with one label as a frozen RewardModel (eval mode).
+
+    `lm` is the seq-cls model itself (`decoder_of` finds its backbone); `value_head` holds its
+    `score` weight (and its bias where the family has one, else 0), so `train.forward.reward_stats`
+    scores what `AutoModelForSequenceClassification` scores at the last non-pad token.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    directory = Path(path).expanduser()
+    _check_seq_cls_dir(directory)
+    torch_dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+    lm = AutoModelForSequenceClassification.from_pretrained(
+        directory, dtype=torch_dtype, attn_implementation=resolve_attn_impl(attn_impl, dtype=torch_dtype))
+    score = getattr(lm, "score", None)
+    if not isinstance(score, nn.Linear) or score.out_features != 1:
+        raise ValueError(f"{directory}: {type(lm).__name__} has no `score` Linear(hidden, 1) head; hpalign reads "
+                         "decoder-only sequence-classification models (Llama, Qwen2, Mistral, ...).")
+    head = ValueHead(hidden_size(lm))
+    with torch.no_grad():
+        head.summary.weight.copy_(score.weight)
+        head.summary.bias.copy_(score.bias if score.bias is not None else torch.zeros(1))
+    offset = getattr(lm.config, REWARD_OFFSET_KEY, None)
+    if offset:
+        logger.warning("%s was exported with --drop_bias: its scores are the original reward model's minus %g "
+                       "(%s in config.json); rankings and margins are unchanged.", directory, offset,
+                       REWARD_OFFSET_KEY)
+    reward_model = RewardModel(lm, head.to(torch_dtype))
+    reward_model.eval().requires_grad_(False)
+    return reward_model
+
+
+def _check_seq_cls_dir(directory: Path) -> None:
+    """Raise a ValueError naming `directory` unless it holds a one-label seq-cls config."""
+    if not directory.is_dir():
+        raise ValueError(f"reward model {str(directory)!r} does not exist: pass a local directory holding an HF "
+                         "sequence-classification checkpoint (hpalign downloads nothing).")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        hint = (" It is an hpalign reward-model checkpoint: convert it with `hpalign export --checkpoint "
+                f"{directory} --seq_cls --output DIR`." if (directory / VALUE_HEAD_SAFETENSORS).is_file() else "")
+        raise ValueError(f"{directory} has no config.json, so it is not an HF model directory.{hint}")
+    config = json.loads(config_file.read_text())
+    architectures = config.get("architectures") or []
+    if not any(name.endswith(SEQ_CLS_SUFFIX) for name in architectures):
+        raise ValueError(f"{directory} is not a sequence-classification checkpoint (architectures "
+                         f"{architectures}): a reward model needs a <Family>{SEQ_CLS_SUFFIX} with one label, e.g. "
+                         "one written by `hpalign export --seq_cls`.")
+    num_labels = len(config["id2label"]) if "id2label" in config else config.get("num_labels", 2)
+    if num_labels != 1:
+        raise ValueError(f"{directory} has num_labels={num_labels}; a reward model has exactly one label "
+                         "(one scalar score per sequence).")

@@ -67,3 +67,26 @@ def segment_count(
         valid_T = valid_T & mask.reshape(-1).bool()
     counts_S = torch.zeros(num_segments, dtype=torch.long, device=segment_ids.device)
     return counts_S.index_add(0, ids_T, valid_T.long())
+
+
+def segment_offsets(segment_ids_N: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """[N] the index of each token within its segment (0, 1, ...), for tokens whose segment ids are
+    contiguous and in order per segment (the labelled tokens of packed sequences); -1 on ignored ones."""
+    ids_N, valid_N = _flat_ids(segment_ids_N, num_segments)
+    positions_N = torch.arange(ids_N.numel(), device=ids_N.device)
+    big = torch.full((num_segments,), ids_N.numel(), dtype=torch.long, device=ids_N.device)
+    first_S = big.scatter_reduce(0, ids_N[valid_N], positions_N[valid_N], reduce="amin")
+    return torch.where(valid_N, positions_N - first_S[ids_N], torch.full_like(positions_N, -1))
+
+
+def segments_to_padded(values_N: torch.Tensor, segment_ids_N: torch.Tensor, offsets_N: torch.Tensor,
+                       num_segments: int, width: int) -> torch.Tensor:
+    """[S, width] with row s holding segment s's values in order (`segment_offsets`), 0 elsewhere:
+    the conversion from flat packed tokens to the [B, T] response matrices of PPO's maths.
+    Differentiable in `values_N`."""
+    valid_N = (segment_ids_N >= 0) & (offsets_N >= 0)
+    if bool((offsets_N[valid_N] >= width).any()):
+        raise ValueError(f"a segment has more than width={width} tokens")
+    flat_N = segment_ids_N[valid_N] * width + offsets_N[valid_N]
+    out = torch.zeros(num_segments * width, dtype=values_N.dtype, device=values_N.device)
+    return out.index_put((flat_N,), values_N[valid_N]).view(num_segments, width)

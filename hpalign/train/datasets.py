@@ -20,6 +20,7 @@ class PreparedData:
     report: LoadReport
     builtin: bool
     val_pairs: list[TokenizedExample] = field(default_factory=list)  # pair form, for preference accuracy
+    train_prompts: list = field(default_factory=list)  # prompt kind: the chat prompts of `train` (rule rewards)
 
 
 def _load(paths: list[str], kind: str, cfg: Config, report: LoadReport) -> list:
@@ -40,23 +41,33 @@ def load_raw(cfg: Config, kind: str, report: LoadReport) -> tuple[list, list, bo
     return train, [], False
 
 
+def token_budget(cfg: Config, kind: str) -> int:
+    """Tokens an example may take: --max_length, less --response_length for a prompt (PPO samples
+    up to that many tokens after it, and prompt + response must fit --max_length)."""
+    if kind == "prompt":
+        return cfg.data.max_length - cfg.ppo.response_length
+    return cfg.data.max_length
+
+
 def prepare_data(cfg: Config, kind: str, template: templates.ChatTemplate) -> PreparedData:
     report = LoadReport()
     train_raw, val_raw, is_builtin = load_raw(cfg, kind, report)
-    train = templates.tokenize_examples(train_raw, template, max_length=cfg.data.max_length, report=report)
+    budget = token_budget(cfg, kind)
+    train = templates.tokenize_examples(train_raw, template, max_length=budget, report=report)
     val_report = LoadReport()
-    val = templates.tokenize_examples(val_raw, template, max_length=cfg.data.max_length, report=val_report)
+    val = templates.tokenize_examples(val_raw, template, max_length=budget, report=val_report)
     report.num_truncated += val_report.num_truncated
     report.num_truncated_response += val_report.num_truncated_response
     _log_report(report, len(train), len(val))
     prompts = _unique_prompts(val_raw)[: cfg.data.num_eval_generations]
     val_pairs = val if kind == "pair" else []
-    if is_builtin and kind != "pair":  # the built-in KTO/SFT forms come from pairs: evaluate on those
+    if is_builtin and kind != "pair":  # the built-in KTO/SFT/prompt forms come from pairs: evaluate on those
         pairs = builtin.builtin_dataset("pair", "test", seed=0)
         val_pairs = templates.tokenize_examples(pairs, template, max_length=cfg.data.max_length,
                                                 report=LoadReport())
     return PreparedData(train=train, val=val, val_prompts=prompts, report=report, builtin=is_builtin,
-                        val_pairs=val_pairs)
+                        val_pairs=val_pairs,
+                        train_prompts=[example.prompt for example in train_raw] if kind == "prompt" else [])
 
 
 def _unique_prompts(examples: list) -> list:
@@ -74,6 +85,9 @@ def _log_report(report: LoadReport, num_train: int, num_val: int) -> None:
     if report.num_skipped:
         logger.warning("data: skipped %d bad rows (--skip_bad_rows): %s%s", report.num_skipped,
                        "; ".join(report.skipped[:10]), " ..." if len(report.skipped) > 10 else "")
+    if report.num_dropped_responses:
+        logger.info("data: dropped %d responses of pair/KTO/SFT rows (prompt-only data: PPO samples its own)",
+                    report.num_dropped_responses)
     if report.num_truncated or report.num_truncated_response:
         logger.warning("data: %d examples lost prompt tokens from the left and %d had their response cut "
                        "to fit --max_length", report.num_truncated, report.num_truncated_response)

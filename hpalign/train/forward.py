@@ -1,8 +1,11 @@
-"""From a `SequenceBatch` to per-sequence response log-probs, without ever building N x V logits.
+"""From a `SequenceBatch` to response log-probs, entropies and values, never building N x V logits.
 
 The backbone runs on the (packed or padded) rows; only hidden states at positions that carry a
-label go through the LM head and the fused log-prob op (`response_logprobs`), and a segment sum
-folds token log-probs into per-sequence sums. The same function serves policy and reference.
+label go through the LM head and the fused log-prob op (`response_logprobs`). The offline
+algorithms take per-sequence sums (`sequence_stats`: a segment sum over those tokens); PPO takes the
+same tokens one by one (`token_stats`, `token_values`: flat [M] tensors with their sequence ids and
+offsets, `TokenStats.as_matrix` lays them out as [S, T] response matrices). One representation,
+flat labelled tokens + sequence ids, serves both; the same functions serve policy and reference.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from hpalign.data.collate import SequenceBatch
 from hpalign.models import decoder_and_head, decoder_of
 from hpalign.ops.attention import packed_forward_kwargs
 from hpalign.ops.linear_logprobs import hidden_logprobs
-from hpalign.ops.segments import segment_count, segment_sum
-from hpalign.stats import SequenceStats
+from hpalign.ops.segments import segment_count, segment_offsets, segment_sum
+from hpalign.stats import SequenceStats, TokenStats
 
 
 def backbone_kwargs(batch: SequenceBatch, *, packed: bool) -> dict:
@@ -82,3 +85,57 @@ def reward_stats(model: torch.nn.Module, batch: SequenceBatch, *, packed: bool) 
     ones = torch.ones(shape, device=rewards_S.device)
     return SequenceStats(logps_ER=torch.zeros(shape, device=rewards_S.device), num_tokens_ER=ones,
                          margins_E=batch.margins, rewards_ER=rewards_S.view(shape))
+
+
+def _labelled(batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mask [N] of the tokens that carry a label, their labels [M], their sequence ids [M])."""
+    labels_N = batch.labels.flatten()
+    keep_N = labels_N != -100
+    return keep_N, labels_N[keep_N], batch.seq_index.flatten()[keep_N]
+
+
+ENTROPY_CHUNK_ROWS = 1024  # rows of [rows, vocab] fp32 logits held at once by the entropy pass
+
+
+@torch.no_grad()
+def chunked_entropy(hidden_MH: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    """Entropy [M] of softmax(head(hidden)), chunk by chunk (no [M, V] tensor; a metric: no grad).
+    Goes through the head module, so ZeRO-3's hooks gather a partitioned head."""
+    out = []
+    for chunk in hidden_MH.split(ENTROPY_CHUNK_ROWS):
+        logits_CV = head(chunk).float()
+        log_probs_CV = torch.log_softmax(logits_CV, dim=-1)
+        out.append(-(log_probs_CV.exp() * log_probs_CV).sum(-1))
+    return torch.cat(out) if out else hidden_MH.new_zeros(0, dtype=torch.float32)
+
+
+def token_stats(model: torch.nn.Module, batch: SequenceBatch, *, packed: bool, logprob_impl: str = "auto",
+                temperature: float = 1.0, with_entropy: bool = False) -> TokenStats:
+    """Per-token log-probs (and entropies) of every response token under softmax(logits / temperature).
+
+    Dividing the logits by T is dividing the hidden states by T before a bias-free head
+    (logits / T = (h / T) W^T), so the fused op computes the tempered log-probs as they are.
+    """
+    decoder, head = decoder_and_head(model)
+    if temperature != 1.0 and getattr(head, "bias", None) is not None:
+        raise ValueError("a sampling temperature needs a bias-free LM head (logits / T = (h / T) W^T)")
+    outputs = decoder(input_ids=batch.input_ids, use_cache=False, **backbone_kwargs(batch, packed=packed))
+    keep_N, labels_M, seq_ids_M = _labelled(batch)
+    hidden_MH = outputs.last_hidden_state.flatten(0, 1)[keep_N]
+    if temperature != 1.0:
+        hidden_MH = hidden_MH / temperature
+    logps_M = response_logprobs(hidden_MH, head, labels_M, impl=logprob_impl).float()
+    entropy_M = chunked_entropy(hidden_MH.detach(), head) if with_entropy else None
+    return TokenStats(seq_ids_M=seq_ids_M, offsets_M=segment_offsets(seq_ids_M, batch.num_sequences),
+                      num_sequences=batch.num_sequences, logps_M=logps_M, entropy_M=entropy_M)
+
+
+def token_values(model: torch.nn.Module, batch: SequenceBatch, *, packed: bool) -> TokenStats:
+    """A value model's estimate V(s_t) [M] at every response token: the value head on the hidden
+    state that predicts the token (the state before it, as the log-prob of the token is read)."""
+    decoder = decoder_of(model.lm)
+    outputs = decoder(input_ids=batch.input_ids, use_cache=False, **backbone_kwargs(batch, packed=packed))
+    keep_N, _, seq_ids_M = _labelled(batch)
+    values_M = model.value_head(outputs.last_hidden_state.flatten(0, 1)[keep_N]).float()
+    return TokenStats(seq_ids_M=seq_ids_M, offsets_M=segment_offsets(seq_ids_M, batch.num_sequences),
+                      num_sequences=batch.num_sequences, values_M=values_M)

@@ -199,6 +199,10 @@ def run(cfg: Config) -> int:
     distributed.init_distributed()
     configure_threads(cfg)
     seed_everything(cfg.train.seed)
+    if cfg.algorithm.rlhf_type == "ppo":  # the rollout loop (hpalign/rl/) has its own runner
+        from hpalign.rl.runner import run_ppo
+
+        return run_ppo(cfg)
     session = build_session(cfg)
     state = TrainState()
     resume(session, state)

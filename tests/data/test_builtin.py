@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hpalign.data.builtin import BUILTIN_NAME, NUM_TEST, NUM_TRAIN, builtin_dataset, has_emoji, task_metric
-from hpalign.data.types import KTOExample, PreferenceExample, SFTExample
+from hpalign.data.types import KTOExample, PreferenceExample, PromptExample, SFTExample
 
 
 def last_question(example) -> str:
@@ -73,6 +73,17 @@ def test_kto_and_sft_forms():
         builtin_dataset("pair", "validation")
     with pytest.raises(ValueError, match="unknown data kind"):
         builtin_dataset("ppo")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_prompt_form_is_one_prompt_per_pair(split):
+    pairs = builtin_dataset("pair", split)
+    prompts = builtin_dataset("prompt", split)
+    assert prompts == [PromptExample(p.prompt, p.source) for p in pairs]
+    assert all(isinstance(ex, PromptExample) and ex.prompt[-1]["role"] == "user" for ex in prompts)
+    assert any(ex.prompt[0]["role"] == "system" for ex in prompts)  # system and history kept
+    assert builtin_dataset("prompt", split) == prompts  # same seed, same data
+    assert builtin_dataset("prompt", split, seed=1) != prompts
 
 
 @pytest.mark.parametrize("text, expected", [

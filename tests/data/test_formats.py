@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from hpalign.data.types import (
     KTOExample,
     LoadReport,
     PreferenceExample,
+    PromptExample,
     SFTExample,
     pairs_to_kto,
 )
@@ -251,6 +253,150 @@ def test_sft_formats(tmp_path):
     ]
     loaded = load_examples([write_jsonl(tmp_path / "s.jsonl", rows)], kind="sft")
     assert loaded == [SFTExample([USER], r, f"{tmp_path}/s.jsonl:{i + 1}") for i, r in enumerate("ABC")]
+
+
+# ----------------------------------------------------------------------------- prompt (PPO)
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+HISTORY_TURNS = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]
+ANSWER = {"role": "assistant", "content": "A"}
+
+
+def load_prompts(tmp_path, rows, **kwargs) -> tuple[list, LoadReport]:
+    report = LoadReport()
+    loaded = load_examples([write_jsonl(tmp_path / "p.jsonl", rows)], kind="prompt", report=report, **kwargs)
+    return loaded, report
+
+
+# (row, the kind whose parser also reads it, responses dropped)
+RESPONSE_ROWS = [
+    ({"prompt": "Hi", "chosen": "A", "rejected": "B", "system": "Be brief.", "history": [["1+1?", "2"]]}, "pair", 2),
+    ({"query": "Hi", "response": "A", "rejected_response": "B", "history": [["1+1?", "2"]]}, "pair", 2),
+    ({"prompt": [SYSTEM, USER], "chosen": [ANSWER], "rejected": "B"}, "pair", 2),
+    ({"messages": [SYSTEM, *HISTORY_TURNS, USER, ANSWER], "rejected_response": "B"}, "pair", 2),
+    ({"chosen": [*HISTORY_TURNS, USER, ANSWER], "rejected": [*HISTORY_TURNS, USER, {**ANSWER, "content": "B"}]},
+     "pair", 2),
+    ({"chosen": "\n\nHuman: 1+1?\n\nAssistant: 2\n\nHuman: Hi\n\nAssistant: A",
+      "rejected": "\n\nHuman: 1+1?\n\nAssistant: 2\n\nHuman: Hi\n\nAssistant: B"}, "pair", 2),
+    ({"prompt": "Hi", "completion": "A", "label": False, "system": "Be brief."}, "kto", 1),
+    ({"query": "Hi", "response": "A", "label": 1, "history": [["1+1?", "2"]]}, "kto", 1),
+    ({"messages": [*HISTORY_TURNS, USER, ANSWER], "label": True}, "kto", 1),
+    ({"query": "Hi", "response": "A", "system": "Be brief.", "history": [["1+1?", "2"]]}, "sft", 1),
+    ({"prompt": [SYSTEM, *HISTORY_TURNS, USER], "response": [ANSWER]}, "sft", 1),
+    ({"messages": [SYSTEM, USER, ANSWER]}, "sft", 1),
+]
+
+
+@pytest.mark.parametrize("row, kind, num_dropped", RESPONSE_ROWS,
+                         ids=[f"{kind}-{i}" for i, (_, kind, _) in enumerate(RESPONSE_ROWS)])
+def test_prompt_of_a_response_row_is_the_one_its_own_parser_builds(tmp_path, row, kind, num_dropped):
+    [own] = load_one(tmp_path, row, kind=kind)[:1]
+    [ex], report = load_prompts(tmp_path, [row])
+    assert ex == PromptExample(own.prompt, f"{tmp_path}/p.jsonl:1")
+    assert ex.prompt[-1] == USER
+    assert report.num_dropped_responses == num_dropped
+
+
+def test_prompt_keeps_system_and_history_of_response_rows(tmp_path):
+    rows = [RESPONSE_ROWS[0][0], RESPONSE_ROWS[9][0]]  # pair prompt/chosen/rejected, SFT query/response
+    loaded, report = load_prompts(tmp_path, rows)
+    assert [ex.prompt for ex in loaded] == [[SYSTEM, *HISTORY_TURNS, USER]] * 2
+    assert report.num_dropped_responses == 3
+
+
+@pytest.mark.parametrize("row, prompt", [
+    ({"prompt": "Hi"}, [USER]),
+    ({"query": "Hi"}, [USER]),
+    ({"prompt": "Hi", "system": "Be brief.", "history": [["1+1?", "2"]]}, [SYSTEM, *HISTORY_TURNS, USER]),
+    ({"prompt": [SYSTEM, *HISTORY_TURNS, USER]}, [SYSTEM, *HISTORY_TURNS, USER]),
+    ({"prompt": [{"from": "human", "value": "Hi"}], "response": None}, [USER]),  # a null response is none
+    ({"messages": [SYSTEM, *HISTORY_TURNS, USER]}, [SYSTEM, *HISTORY_TURNS, USER]),
+], ids=["string", "query", "string-system-history", "messages", "sharegpt-null-response", "conversation"])
+def test_prompt_only_rows_drop_nothing(tmp_path, row, prompt):
+    [ex], report = load_prompts(tmp_path, [row])
+    assert isinstance(ex, PromptExample)
+    assert ex.prompt == prompt
+    assert report.num_dropped_responses == 0
+
+
+def test_messages_with_and_without_final_assistant_turn(tmp_path):
+    conversation = [SYSTEM, *HISTORY_TURNS, USER]
+    rows = [{"messages": conversation + [ANSWER]}, {"messages": conversation}]
+    loaded, report = load_prompts(tmp_path, rows)
+    assert [ex.prompt for ex in loaded] == [conversation, conversation]
+    assert report.num_dropped_responses == 1  # only the first row had an answer
+    assert (report.num_rows, report.num_skipped) == (2, 0)
+
+
+def test_prompt_dropped_responses_are_summed_over_rows(tmp_path):
+    rows = [row for row, _, _ in RESPONSE_ROWS] + [{"prompt": "Hi"}]
+    loaded, report = load_prompts(tmp_path, rows)
+    assert len(loaded) == len(rows)  # one prompt per row, a pair row included
+    assert report.num_dropped_responses == sum(n for _, _, n in RESPONSE_ROWS) == 18
+
+
+@pytest.mark.parametrize("row, field_name, problem", [
+    ({"prompt": [USER, ANSWER]}, "prompt", "the prompt must end with a user turn; it ends with assistant"),
+    ({"messages": [ANSWER]}, "messages", "the prompt must end with a user turn; it ends with nothing"),
+    ({"messages": [USER, {"role": "user", "content": " "}]}, "messages", "the last user turn is empty"),
+    ({"prompt": 3}, "prompt", "expected a string or chat messages, got a int"),
+    ({"prompt": "Hi", "history": "1+1?"}, "history", "expected a list of [query, response] pairs"),
+    ({"prompt": "Hi", "chosen": "A", "rejected": ""}, "rejected", "the response is empty"),
+    ({"query": "Hi", "response": 5}, "response", "expected a string or assistant messages, got a int"),
+    ({"text": "Hi"}, "prompt", "missing. Columns found: text. Accepted formats: prompt or query"),
+])
+def test_prompt_bad_row_names_file_line_and_field(tmp_path, row, field_name, problem):
+    path = tmp_path / "p.jsonl"
+    write_jsonl(path, [{"prompt": "fine"}, row])
+    with pytest.raises(DataFormatError, match="--skip_bad_rows") as info:
+        load_examples([str(path)], kind="prompt")
+    assert str(info.value).startswith(f"{path}:2, field '{field_name}': {problem}")
+    assert (info.value.source, info.value.field_name) == (f"{path}:2", field_name)
+
+
+def test_prompt_skip_bad_rows_counts_and_does_not_count_their_responses(tmp_path):
+    path = tmp_path / "p.jsonl"
+    lines = [json.dumps({"prompt": "Hi", "chosen": "A", "rejected": "B"}), "{not json",
+             json.dumps({"prompt": "Hi", "chosen": "A", "rejected": ""}), json.dumps({"messages": [ANSWER]}),
+             json.dumps({"prompt": "Hi"})]
+    path.write_text("\n".join(lines) + "\n")
+    report = LoadReport()
+    loaded = load_examples([str(path)], kind="prompt", skip_bad_rows=True, report=report)
+    assert [ex.source for ex in loaded] == [f"{path}:1", f"{path}:5"]
+    assert (report.num_rows, report.num_skipped, report.num_dropped_responses) == (5, 3, 2)
+    assert [entry.split(": ", 1)[0] for entry in report.skipped] == [
+        f"{path}:2", f"{path}:3, field 'rejected'", f"{path}:4, field 'messages'"]
+
+
+@pytest.mark.parametrize("suffix", ["json", "parquet", "csv"])
+def test_prompt_rows_from_every_file_type(tmp_path, suffix):
+    rows = [{"prompt": f"q{i}", "history": json.dumps([["a", "b"]]) if suffix == "csv" else [["a", "b"]]}
+            for i in range(3)]
+    path = str(tmp_path / f"p.{suffix}")
+    if suffix == "json":
+        Path(path).write_text(json.dumps(rows))
+    elif suffix == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["prompt", "history"])
+            writer.writeheader()
+            writer.writerows(rows)
+    loaded = load_examples([path], kind="prompt")
+    assert [ex.prompt for ex in loaded] == [
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": f"q{i}"}]
+        for i in range(3)]
+    assert [ex.source for ex in loaded] == [f"{path}:row {i}" for i in range(3)]
+
+
+def test_prompt_kind_builtin_and_unknown_kind():
+    loaded = load_examples(["builtin-emoji:test"], kind="prompt")
+    assert len(loaded) == 64 and all(isinstance(ex, PromptExample) for ex in loaded)
+    with pytest.raises(ValueError, match=r"unknown data kind 'ppo'; expected one of \['kto', 'pair', 'prompt', 'sft'\]"):
+        load_examples(["builtin-emoji"], kind="ppo")
 
 
 # ----------------------------------------------------------------------------- split

@@ -1,14 +1,17 @@
 """Chat templates: token-consistency with the tokenizer's own template, the chatml fallback,
-loss masks on multi-turn prompts and truncation counting."""
+loss masks on multi-turn prompts, truncation counting, and the prompt budget of PPO's prompts."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from hpalign.config import Config
+from hpalign.data.builtin import builtin_dataset
 from hpalign.data.collate import pad_batch
 from hpalign.data.templates import (
     MIN_PROMPT_TOKENS,
@@ -16,8 +19,16 @@ from hpalign.data.templates import (
     tokenize_examples,
     truncate_example,
 )
-from hpalign.data.types import KTOExample, LoadReport, PreferenceExample, SFTExample
+from hpalign.data.types import (
+    KTOExample,
+    LoadReport,
+    PreferenceExample,
+    PromptExample,
+    SFTExample,
+    TokenizedExample,
+)
 from hpalign.tiny_model import build_byte_tokenizer
+from hpalign.train.datasets import prepare_data
 
 MULTI_TURN = [
     {"role": "system", "content": "You are terse."},
@@ -195,3 +206,60 @@ def test_tokenize_counts_truncation():
     assert len(tokenized[1].prompt_ids) == MIN_PROMPT_TOKENS
     with pytest.raises(ValueError, match="max_length must exceed"):
         tokenize_examples(examples, template, max_length=MIN_PROMPT_TOKENS, report=report)
+
+
+# ----------------------------------------------------------------------------- prompts (PPO)
+
+
+def test_prompt_examples_have_no_responses_and_lose_tokens_from_the_left():
+    template = resolve_template(build_byte_tokenizer())
+    short = PromptExample(MULTI_TURN[1:2], "short")
+    long = PromptExample([{"role": "user", "content": "x" * 100}], "long")
+    report = LoadReport()
+    fits, cut = tokenize_examples([short, long], template, max_length=48, report=report)
+    assert fits == TokenizedExample(template.encode_prompt(MULTI_TURN[1:2]), [], "short")
+    whole = template.encode_prompt(long.prompt)
+    assert len(whole) > 48
+    assert (cut.prompt_ids, cut.responses, cut.truncated) == (whole[-48:], [], True)  # the LEFT is dropped
+    assert template.tokenizer.decode(cut.prompt_ids).endswith("<|im_start|>assistant\n")
+    assert (report.num_truncated, report.num_truncated_response) == (1, 0)
+    assert truncate_example(list(range(10)), [], 6) == ([4, 5, 6, 7, 8, 9], [], True, False)
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_prepare_data_prompt_budget_is_max_length_less_response_length(tmp_path, caplog):
+    template = resolve_template(build_byte_tokenizer())
+    long_prompt, hi = [{"role": "user", "content": "x" * 300}], [{"role": "user", "content": "Hi"}]
+    cfg = Config()
+    cfg.data.dataset = [write_jsonl(tmp_path / "t.jsonl", [{"prompt": "x" * 300, "chosen": "A", "rejected": "B"},
+                                                           {"prompt": "Hi"}])]
+    cfg.data.val_dataset = [write_jsonl(tmp_path / "v.jsonl", [{"messages": hi + [{"role": "assistant",
+                                                                                     "content": "Hello"}]}])]
+    cfg.data.max_length, cfg.ppo.response_length = 128, 40
+    with caplog.at_level(logging.INFO, logger="hpalign"):
+        data = prepare_data(cfg, "prompt", template)
+    cut, short = data.train
+    assert len(cut.prompt_ids) == 128 - 40  # room left for the sampled response
+    assert cut.prompt_ids == template.encode_prompt(long_prompt)[-(128 - 40):]
+    assert short.prompt_ids == data.val[0].prompt_ids == template.encode_prompt(hi)
+    assert all(ex.responses == [] for ex in data.train + data.val)
+    assert (data.report.num_truncated, data.report.num_dropped_responses) == (1, 3)
+    assert "dropped 3 responses" in caplog.text
+    assert data.val_prompts == [hi]
+    assert (data.val_pairs, data.builtin) == ([], False)
+
+
+def test_prepare_data_builtin_prompts_keep_the_pairs_for_evaluation():
+    template = resolve_template(build_byte_tokenizer())
+    cfg = Config()
+    cfg.data.max_length, cfg.ppo.response_length, cfg.data.num_eval_generations = 80, 50, 5
+    data = prepare_data(cfg, "prompt", template)
+    assert data.builtin and (len(data.train), len(data.val)) == (400, 64)
+    assert max(len(ex.prompt_ids) for ex in data.train + data.val) == 30  # the longest are cut to the budget
+    assert data.report.num_truncated > 0
+    assert data.val_prompts == [ex.prompt for ex in builtin_dataset("prompt", "test")[:5]]
+    assert len(data.val_pairs) == 64 and all(len(ex.responses) == 2 for ex in data.val_pairs)

@@ -86,3 +86,18 @@ def test_bad_arguments():
         segment_sum(torch.zeros(3, 12), ids.float(), num_segments)
     with pytest.raises(ValueError, match="same shape"):
         segment_count(ids, torch.ones(5, dtype=torch.bool), num_segments)
+
+
+def test_segment_offsets_and_padded_layout():
+    from hpalign.ops.segments import segment_offsets, segments_to_padded
+
+    ids = torch.tensor([1, 1, -1, 0, 0, 0, 2, -1])  # segments need not come in id order
+    offsets = segment_offsets(ids, 3)
+    assert offsets.tolist() == [0, 1, -1, 0, 1, 2, 0, -1]
+    values = torch.arange(8, dtype=torch.float32, requires_grad=True)
+    padded = segments_to_padded(values, ids, offsets, 3, width=4)
+    torch.testing.assert_close(padded, torch.tensor([[3.0, 4, 5, 0], [0, 1, 0, 0], [6, 0, 0, 0]]))
+    padded.sum().backward()
+    assert values.grad.tolist() == [1, 1, 0, 1, 1, 1, 1, 0]  # padding tokens get no gradient
+    with pytest.raises(ValueError, match="more than width=2"):
+        segments_to_padded(values, ids, offsets, 3, width=2)

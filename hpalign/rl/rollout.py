@@ -1,0 +1,148 @@
+"""Rollouts: prompts in, sampled responses and the sampler's log-probs out, behind one interface.
+
+`RolloutEngine.generate(prompt_ids, sampling, seeds) -> Rollout` is all the PPO loop knows of
+generation; the first backend is HF `generate` (`HFGenerateRollouts`), the colocated vLLM engine
+plugs in behind the same call. Sampling is seeded per chunk of prompts from the caller's seeds
+(a pure function of the run seed, the step and the prompt's global index), so a resumed run samples
+what the uninterrupted one did, and with one prompt per chunk the samples do not depend on how
+prompts are spread over ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float
+    stop_ids: tuple[int, ...] = ()  # empty: never stop early (the swift document's runs)
+
+
+@dataclass
+class Rollout:
+    """One response per prompt: its tokens (cut after the first stop token, which is kept), the
+    log-prob of each under the sampling distribution (softmax(logits / temperature)), and whether
+    it ended with a stop token."""
+
+    response_ids: list[list[int]]
+    sampler_logps: list[list[float]]
+    stopped: list[bool]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(ids) for ids in self.response_ids)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seeds: list[int]) -> Rollout:
+        """Sample one response per prompt; chunk i is seeded with the seed of its first prompt."""
+
+
+def cut_at_stop(row: list[int], stop_ids: tuple[int, ...]) -> tuple[int, bool]:
+    """(length of the response, stop token included; whether a stop token ended it)."""
+    for i, token in enumerate(row):
+        if token in stop_ids:
+            return i + 1, True
+    return len(row), False
+
+
+def never_stop_id(model) -> int:
+    """An id past the vocabulary: as generate's end id, no sampled token matches it, so every
+    response gets max_new_tokens tokens (None would fall back to the model's own eos)."""
+    from hpalign.models import base_causal_lm
+
+    return int(base_causal_lm(model).config.vocab_size)
+
+
+def left_padded(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, width] of left-padded prompts, as generate expects."""
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
+def _zero3_hooks_owner(engine):
+    """The object holding a ZeRO-3 engine's parameter hooks (DeepSpeed's parameter offload)."""
+    optimizer = getattr(engine, "optimizer", None)
+    return getattr(optimizer, "parameter_offload", optimizer)
+
+
+@contextlib.contextmanager
+def gathered_for_generation(engine) -> Iterator[torch.nn.Module]:
+    """The engine's module with every ZeRO-3 parameter gathered once for the whole rollout batch
+    and DeepSpeed's per-module fetch/release hooks off meanwhile (else each layer of each decoded
+    token would gather its weights again: once per token, not once per batch). Without ZeRO-3
+    partitions it is the module as it is. Every rank must enter it (the gather is a collective)."""
+    module = getattr(engine, "module", engine)
+    if not any(hasattr(p, "ds_id") for p in module.parameters()):
+        yield module
+        return
+    import deepspeed
+
+    owner = _zero3_hooks_owner(engine)
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        for param in module.parameters():
+            param.ds_active_sub_modules.clear()
+        for hook in owner.forward_hooks + owner.backward_hooks:
+            hook.remove()
+        owner.forward_hooks, owner.backward_hooks = [], []
+        try:
+            yield module
+        finally:
+            coordinator = getattr(owner, "param_coordinator", None)
+            if coordinator is not None and not coordinator.is_invalid_trace():
+                coordinator._invalidate_trace()  # the recorded fetch order no longer holds
+            owner._register_deepspeed_module(owner.module)
+
+
+class HFGenerateRollouts:
+    """Rollouts with HF `generate` (KV cache, multinomial sampling, no top-k / top-p), in chunks of
+    `batch_size` prompts (--local_rollout_forward_batch_size), parameters gathered once per call."""
+
+    def __init__(self, engine, *, pad_id: int, batch_size: int) -> None:
+        self.engine, self.pad_id, self.batch_size = engine, pad_id, batch_size
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seeds: list[int]) -> Rollout:
+        rollout = Rollout([], [], [])
+        with gathered_for_generation(self.engine) as model:
+            was_training = model.training
+            model.eval()
+            for start in range(0, len(prompt_ids), self.batch_size):
+                chunk = prompt_ids[start:start + self.batch_size]
+                self._sample_chunk(model, chunk, sampling, seeds[start], rollout)
+            model.train(was_training)
+        return rollout
+
+    @torch.no_grad()
+    def _sample_chunk(self, model, chunk: list[list[int]], sampling: SamplingParams, seed: int,
+                      rollout: Rollout) -> None:
+        device = next(model.parameters()).device
+        input_ids, attention_mask = left_padded(chunk, self.pad_id)
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the run's own RNG streams stay untouched
+            torch.manual_seed(seed)
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True,
+                temperature=sampling.temperature, top_k=0, top_p=1.0, max_new_tokens=sampling.max_new_tokens,
+                eos_token_id=list(sampling.stop_ids) or [never_stop_id(model)], pad_token_id=self.pad_id,
+                use_cache=True, output_scores=True, return_dict_in_generate=True)
+        new_BT = out.sequences[:, input_ids.shape[1]:]
+        # scores: the processed logits of each step (here logits / temperature), [B, V] per step
+        logps_BT = torch.stack([torch.log_softmax(step.float(), -1) for step in out.scores], 1)
+        token_logps_BT = logps_BT.gather(2, new_BT[:, :, None]).squeeze(2)
+        for row, logps in zip(new_BT.tolist(), token_logps_BT.tolist(), strict=True):
+            length, stopped = cut_at_stop(row, sampling.stop_ids)
+            rollout.response_ids.append(row[:length])
+            rollout.sampler_logps.append(logps[:length])
+            rollout.stopped.append(stopped)

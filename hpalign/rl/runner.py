@@ -1,0 +1,195 @@
+"""`run_ppo(cfg)`: set up -> resume -> evaluate -> PPO steps -> evaluate -> report, in reading order.
+
+The held-out evaluation generates greedily for --num_eval_generations held-out prompts and reports
+the mean score (reward model and/or rule rewards, as in training, without the missing-EOS
+penalty) and, on the built-in data, its program-checked task metric.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from hpalign import checkpoint, distributed, report
+from hpalign.config import Config
+from hpalign.data import builtin
+from hpalign.data.types import TokenizedExample
+from hpalign.rl.loop import ppo_step
+from hpalign.rl.rollout import gathered_for_generation
+from hpalign.rl.session import PPOSession, build_ppo_session, steps_between_samples
+from hpalign.train.evaluate import generate_greedy, shard_for_rank
+from hpalign.train.metrics import MetricWindow
+from hpalign.train.schedule import micro_batches_for_step
+
+logger = logging.getLogger("hpalign")
+LATEST = ("lr", "episode", "eps")
+
+
+def step_prompts(session: PPOSession, step: int) -> tuple[list[int], list[int]]:
+    """(this rank's prompt indices of `step`, their positions in the step's global order)."""
+    rank = distributed.layout().data_parallel_rank
+    indices = micro_batches_for_step(session.plan, step, seed=session.cfg.train.seed, rank=rank)[0]
+    first = rank * session.settings.rollouts_per_rank
+    return indices, list(range(first, first + len(indices)))
+
+
+@torch.no_grad()
+def greedy_scored(session: PPOSession, prompts: list) -> tuple[list[int], list[str], list[float], list[float]]:
+    """This rank's share of `prompts` (indices), its greedy responses, their scores, and their
+    weights (0 for the repeats that even out the ranks)."""
+    rows, texts, scores, weights = [], [], [], []
+    stop_ids = list(session.settings.sampling.stop_ids) or list(session.template.stop_token_ids)
+    with gathered_for_generation(session.policy_engine) as model:
+        was_training = model.training
+        model.eval()
+        for indices, batch_weights in shard_for_rank(len(prompts), batch_size=16):
+            chunk = [prompts[i] for i in indices]
+            encoded = [session.template.encode_prompt(p) for p in chunk]
+            outputs = generate_greedy(model, encoded, pad_id=session.tokenizer.pad_token_id, stop_ids=stop_ids,
+                                      max_new_tokens=session.cfg.ppo.response_length, synced=False)
+            outputs = [ids or [session.tokenizer.pad_token_id] for ids in outputs]
+            decoded = [session.tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
+            examples = [TokenizedExample(prompt_ids=p, responses=[r], source="eval")
+                        for p, r in zip(encoded, outputs, strict=True)]
+            batch = session.collate(examples).to(distributed.layout().device)
+            batch_scores, _ = session.scoring.scores(batch, chunk, decoded)
+            rows += indices
+            texts += decoded
+            scores += batch_scores.float().cpu().tolist()
+            weights += batch_weights
+        model.train(was_training)
+    return rows, texts, scores, weights
+
+
+def evaluate(session: PPOSession) -> dict[str, float]:
+    prompts = session.data.val_prompts
+    if not prompts:
+        return {}
+    session.policy_engine.eval()
+    session.value_engine.eval()
+    _, texts, scores, weights = greedy_scored(session, prompts)
+    metric = [builtin.task_metric([None], [t]) for t in texts] if session.data.builtin else [0.0] * len(texts)
+    totals = distributed.sum_over_ranks([sum(weights), sum(w * s for w, s in zip(weights, scores, strict=True)),
+                                         sum(w * m for w, m in zip(weights, metric, strict=True))])
+    metrics = {"eval/reward_mean": totals[1] / max(totals[0], 1.0)}
+    if session.data.builtin:
+        metrics["eval/task_metric"] = totals[2] / max(totals[0], 1.0)
+    session.policy_engine.train()
+    session.value_engine.train()
+    return metrics
+
+
+def write_samples(session: PPOSession, step: int, metrics_logger: report.MetricsLogger) -> None:
+    """PPOv2's sample table: greedy responses to the first held-out prompts with their scores, appended
+    to samples.jsonl in the run directory (and a W&B table with --report_to wandb)."""
+    prompts = session.data.val_prompts[: max(1, session.cfg.train.batch_size)] or []
+    if not prompts:
+        return
+    indices, texts, scores, weights = greedy_scored(session, prompts)
+    if not distributed.is_main():  # rank 0 writes its share of the samples
+        return
+    rows = [{"step": step, "prompt": session.template.render_prompt(prompts[i]), "response": t, "score": s}
+            for i, t, s, w in zip(indices, texts, scores, weights, strict=True) if w]
+    with (session.run_dir / "samples.jsonl").open("a") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    metrics_logger.log_table("samples", ["step", "prompt", "response", "score"],
+                             [[r["step"], r["prompt"], r["response"], r["score"]] for r in rows], step=step)
+
+
+def save(session: PPOSession, step: int, episode: int) -> None:
+    cfg = session.cfg
+    state = {"global_step": step, "num_steps": session.num_steps, "episode": episode, "seed": cfg.train.seed,
+             "rlhf_type": "ppo", "model": cfg.model.model, "sft_type": cfg.tuning.sft_type,
+             "template": session.template.name}
+    path = checkpoint.save_checkpoint(session.policy_engine, run_dir=session.run_dir, step=step,
+                                      tokenizer=session.tokenizer, trainer_state=state,
+                                      save_total_limit=cfg.train.save_total_limit,
+                                      extra_engines={"value_model": session.value_engine})
+    logger.info("saved %s (policy; value model in value_model/)", path)
+
+
+def resume(session: PPOSession) -> tuple[int, int]:
+    """(global step, episodes) to continue from (0, 0 without --resume_from_checkpoint)."""
+    spec = session.cfg.train.resume_from_checkpoint
+    if not spec:
+        return 0, 0
+    path = checkpoint.resolve_resume_path(spec, session.run_dir)
+    state = checkpoint.load_checkpoint(session.policy_engine, path, extra_engines={"value_model": session.value_engine})
+    logger.info("resumed from %s at step %d", path, state["global_step"])
+    return int(state["global_step"]), int(state.get("episode", 0))
+
+
+def train(session: PPOSession, metrics_logger: report.MetricsLogger, *, start_step: int, episode: int) -> int:
+    cfg = session.cfg
+    sample_every = steps_between_samples(session.num_steps, cfg.ppo.num_sample_generations)
+    eos_ids = tuple(session.template.stop_token_ids)
+    decode = lambda ids: session.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    window = MetricWindow()
+    bar = tqdm(total=session.num_steps, initial=start_step, desc="ppo", disable=not distributed.is_main(),
+               dynamic_ncols=True)
+    started, episodes_at_start = time.time(), episode
+    for step in range(start_step, session.num_steps):
+        indices, positions = step_prompts(session, step)
+        output = ppo_step(policy_engine=session.policy_engine, value_engine=session.value_engine,
+                          rollout_engine=session.rollout_engine, scoring=session.scoring, training=session.training,
+                          prompt_ids=[session.data.train[i].prompt_ids for i in indices],
+                          prompts=[session.data.train_prompts[i] for i in indices], indices=positions,
+                          settings=session.settings, collate=session.collate, decode=decode, eos_ids=eos_ids,
+                          seed=cfg.train.seed, step=step)
+        episode += output.num_episodes
+        output.metrics.update({"episode": episode, "lr": session.policy_engine.lr_scheduler.get_last_lr()[0],
+                               "eps": (episode - episodes_at_start) / max(time.time() - started, 1e-9)})
+        window.add_step(sums={}, shared={}, host=output.metrics)
+        done = step + 1
+        bar.update(1)
+        if done % cfg.train.logging_steps == 0 or done == session.num_steps:
+            averaged = window.reduce()
+            for name in LATEST:
+                averaged[name] = output.metrics[name]
+            metrics_logger.log(done, averaged)
+            bar.set_postfix(score=f"{averaged['objective/scores']:.3f}", kl=f"{averaged['objective/kl']:.3f}")
+        if sample_every and done % sample_every == 0:
+            write_samples(session, done, metrics_logger)
+        if cfg.train.eval_steps and done % cfg.train.eval_steps == 0 and done < session.num_steps:
+            metrics_logger.log(done, evaluate(session))
+        if done % cfg.train.save_steps == 0 or done == session.num_steps:
+            save(session, done, episode)
+    bar.close()
+    return session.num_steps
+
+
+def run_ppo(cfg: Config) -> int:
+    """PPO with a resolved, validated config; returns the process exit code."""
+    started = time.time()
+    session = build_ppo_session(cfg)
+    start_step, episode = resume(session)
+    metrics_logger = report.MetricsLogger(session.run_dir, report_to=cfg.train.report_to, config=cfg.to_dict(),
+                                          enabled=distributed.is_main(), run_name=session.run_dir.name)
+    before = evaluate(session) if cfg.train.eval_before_train and start_step == 0 else None
+    if before is not None:
+        metrics_logger.log(0, before)
+    train_started = time.time()
+    steps = train(session, metrics_logger, start_step=start_step, episode=episode)
+    train_seconds = time.time() - train_started
+    after = evaluate(session)
+    metrics_logger.log(steps, after)
+    metrics_logger.close()
+    if distributed.is_main():
+        steps_run = max(1, steps - start_step)
+        summary = {"rlhf_type": "ppo", "global_step": steps, "eval_before": before, "eval_after": after,
+                   "train_seconds": train_seconds, "seconds_per_step": train_seconds / steps_run,
+                   "wall_seconds": time.time() - started,
+                   "data": {"num_train": len(session.data.train), "num_val": len(session.data.val),
+                            "num_skipped": session.data.report.num_skipped,
+                            "num_truncated": session.data.report.num_truncated}}
+        report.write_summary(session.run_dir / "summary.json", summary)
+        print("\n" + report.format_eval_table(before, after), file=sys.stderr)
+        print(f"\nrun directory: {session.run_dir}  ({train_seconds:.0f} s training, "
+              f"{summary['seconds_per_step']:.2f} s/step, {summary['wall_seconds']:.0f} s total)", file=sys.stderr)
+    return 0

@@ -1,0 +1,237 @@
+"""Everything a PPO run is built from, once: run directory, prompts, the four models and their
+engines, the rollout engine, the scoring and training passes, the rewards."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hpalign import distributed
+from hpalign.config import Config, save_config, unused_flag_warnings
+from hpalign.data import templates
+from hpalign.models import RewardModel, load_tokenizer, resolve_dtype
+from hpalign.ops.attention import enable_varlen_attention, varlen_backend
+from hpalign.rl import rewards as rule_rewards
+from hpalign.rl.loop import PPOSettings, TrainPasses
+from hpalign.rl.models import LoraSettings, PPOModelSet, build_ppo_models
+from hpalign.rl.rollout import HFGenerateRollouts, SamplingParams
+from hpalign.rl.scoring import ScoringPasses
+from hpalign.train import engine as engine_lib
+from hpalign.train.datasets import PreparedData, prepare_data
+from hpalign.train.forward import reward_stats, token_stats, token_values
+from hpalign.train.schedule import BatchPlan, total_steps
+from hpalign.train.session import (
+    CHECKPOINT_MIN_TOKENS,
+    check_logprob_impl,
+    check_models_on_device,
+    make_collate,
+    make_run_dir,
+    setup_logging,
+)
+
+logger = logging.getLogger("hpalign")
+
+BUILTIN_REWARD_FUNCS = ["emoji", "accuracy", "length"]
+
+
+@dataclass
+class PPOSession:
+    cfg: Config
+    run_dir: Path
+    tokenizer: object
+    template: templates.ChatTemplate
+    data: PreparedData
+    policy_engine: object
+    value_engine: object
+    rollout_engine: HFGenerateRollouts
+    scoring: ScoringPasses
+    training: TrainPasses
+    settings: PPOSettings
+    plan: BatchPlan  # prompts per step: rollouts per rank x ranks
+    num_steps: int
+    collate: object
+    rules: list = field(default_factory=list)
+
+
+def decide_reward_funcs(cfg: Config, *, builtin: bool) -> list[str]:
+    """--reward_funcs as given; unset, the built-in task's rules when there is no reward model."""
+    if cfg.ppo.reward_funcs:
+        return list(cfg.ppo.reward_funcs)
+    if cfg.ppo.reward_model_id_or_path:
+        return []
+    if builtin:
+        return list(BUILTIN_REWARD_FUNCS)
+    raise ValueError("--rlhf_type ppo needs a reward: --reward_model_id_or_path (an RM checkpoint or an HF "
+                     "sequence-classification model) and/or --reward_funcs "
+                     f"({', '.join(rule_rewards.REWARD_FUNCS)})")
+
+
+def decide_ppo_gradient_checkpointing(cfg: Config, prompts: list) -> bool:
+    """--gradient_checkpointing as given; unset (LoRA on a CPU), on when a micro-batch of prompts
+    plus full-length responses averages CHECKPOINT_MIN_TOKENS tokens (as the offline loop decides)."""
+    if cfg.train.gradient_checkpointing is not None:
+        return cfg.train.gradient_checkpointing
+    mean_prompt = sum(len(p.prompt_ids) for p in prompts) / max(len(prompts), 1)
+    return cfg.train.batch_size * (mean_prompt + cfg.ppo.response_length) >= CHECKPOINT_MIN_TOKENS
+
+
+def ppo_settings(cfg: Config, stop_ids: tuple[int, ...]) -> PPOSettings:
+    ppo = cfg.ppo
+    return PPOSettings(
+        batch_size=cfg.train.batch_size, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        num_mini_batches=ppo.num_mini_batches, num_ppo_epochs=ppo.num_ppo_epochs,
+        rollout_chunk=ppo.local_rollout_forward_batch_size,
+        sampling=SamplingParams(max_new_tokens=ppo.response_length, temperature=ppo.temperature,
+                                stop_ids=stop_ids),
+        kl_coef=ppo.kl_coef, kl_estimator=ppo.kl_estimator, whiten_rewards=ppo.whiten_rewards, gamma=ppo.gamma,
+        lam=ppo.lam, cliprange=ppo.cliprange, cliprange_value=ppo.cliprange_value, vf_coef=ppo.vf_coef,
+        missing_eos_penalty=ppo.missing_eos_penalty, logprob_temperature=ppo.temperature)
+
+
+def check_reward_tokenizer(tokenizer, reward_dir: Path | None) -> None:
+    """The reward model reads the policy's token ids as they are: its tokenizer must be the same."""
+    if reward_dir is None or not (reward_dir / "tokenizer_config.json").is_file():
+        return
+    reward_tokenizer = load_tokenizer(str(reward_dir))
+    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"the reward model in {reward_dir} has another tokenizer than the policy: hpalign scores "
+                         "the policy's token ids directly, so train the reward model from the same base model "
+                         "(re-tokenising for a foreign reward model is not supported yet)")
+
+
+def make_scoring(models: PPOModelSet, policy_engine, value_engine, reference, rules, *, packed: bool,
+                 impl: str, temperature: float, decode_prompts=None) -> tuple[ScoringPasses, TrainPasses]:
+    """The closures over the models: no-grad scoring passes and grad-tracking training passes."""
+    policy, value = policy_engine.module, value_engine.module
+
+    def policy_logps(batch):
+        return token_stats(policy, batch, packed=packed, logprob_impl=impl, temperature=temperature)
+
+    def reference_logps(batch):
+        if reference is not None:
+            return token_stats(reference, batch, packed=packed, logprob_impl=impl, temperature=temperature)
+        with policy.disable_adapter():
+            return token_stats(policy, batch, packed=packed, logprob_impl=impl, temperature=temperature)
+
+    def values(batch):
+        return token_values(value, batch, packed=packed)
+
+    def reward_model_scores(batch):
+        if models.reward is not None:
+            return reward_stats(models.reward, batch, packed=packed).rewards_ER[:, 0]
+        with value.lm.disable_adapter():  # the reward model is the value model's backbone, adapter off
+            return reward_stats(RewardModel(value.lm, models.reward_head), batch, packed=packed).rewards_ER[:, 0]
+
+    has_reward_model = models.reward is not None or models.reward_head is not None
+
+    def scores(batch, prompts, texts):
+        total = reward_model_scores(batch).float() if has_reward_model else torch.zeros(batch.num_sequences)
+        metrics = {}
+        if has_reward_model:
+            metrics["rewards/reward_model"] = float(total.mean())
+        if rules:
+            rule_scores, rule_metrics = rule_rewards.score_rule_rewards(rules, prompts, texts)
+            total = total.to(batch.input_ids.device) + torch.tensor(rule_scores, device=batch.input_ids.device)
+            metrics.update(rule_metrics)
+        return total, metrics
+
+    def train_policy(batch):
+        return token_stats(policy, batch, packed=packed, logprob_impl=impl, temperature=temperature, with_entropy=True)
+
+    return (ScoringPasses(policy=policy_logps, reference=reference_logps, values=values, scores=scores),
+            TrainPasses(policy=train_policy, values=values))
+
+
+def build_ppo_session(cfg: Config) -> PPOSession:
+    check_logprob_impl(cfg.algorithm.logprob_impl)
+    run_dir = make_run_dir(cfg)
+    setup_logging(run_dir)
+    logger.info("run directory: %s", run_dir)
+    for warning in unused_flag_warnings(cfg, needs_reference=True):
+        logger.warning(warning)
+    tokenizer = load_tokenizer(cfg.model.model)
+    template = templates.resolve_template(tokenizer, cfg.model.template, cfg.model.model_type)
+    data = prepare_data(cfg, "prompt", template)
+    if not data.train:
+        raise ValueError("PPO has no training prompts: check --dataset")
+    cfg.ppo.reward_funcs = decide_reward_funcs(cfg, builtin=data.builtin)
+    rules = rule_rewards.parse_reward_funcs(cfg.ppo.reward_funcs, cfg.ppo.reward_weights)
+    dtype = resolve_dtype(cfg.model.torch_dtype)
+    cfg.train.gradient_checkpointing = decide_ppo_gradient_checkpointing(cfg, data.train)
+    cfg.train.disable_dropout = True if cfg.train.disable_dropout is None else cfg.train.disable_dropout
+    if distributed.is_main():  # the resolved config, every decision above included
+        save_config(cfg, run_dir / "config.yaml")
+    lora = None if cfg.tuning.sft_type == "full" else LoraSettings(
+        targets=cfg.tuning.lora_target_modules, rank=cfg.tuning.lora_rank, alpha=cfg.tuning.lora_alpha,
+        dropout=cfg.tuning.lora_dropout)
+    models = build_ppo_models(model=cfg.model.model, ref_model=cfg.model.ref_model,
+                              reward_model=cfg.ppo.reward_model_id_or_path, dtype=dtype, attn_impl=cfg.model.attn_impl,
+                              gradient_checkpointing=cfg.train.gradient_checkpointing, lora=lora, seed=cfg.train.seed,
+                              no_dropout=cfg.train.disable_dropout)
+    check_reward_tokenizer(tokenizer, models.reward_tokenizer_dir)
+    if cfg.data.packing:
+        backend = varlen_backend(cfg.model.attn_impl)
+        for model in (models.policy, models.reference, models.value.lm, models.reward and models.reward.lm):
+            if model is not None:
+                enable_varlen_attention(model, backend=backend)
+    stop_ids = tuple(template.stop_token_ids) if cfg.ppo.stop_token == "eos" else ()
+    settings = ppo_settings(cfg, stop_ids)
+    world = distributed.layout().data_parallel_size
+    plan = BatchPlan(len(data.train), settings.rollouts_per_rank, 1, world)
+    num_steps = total_steps(plan, num_train_epochs=cfg.train.num_train_epochs, max_steps=cfg.train.max_steps)
+    policy_engine, value_engine, reference, reward = build_engines(cfg, models, dtype=dtype, num_steps=num_steps)
+    models.reward = reward
+    device = distributed.layout().device
+    check_models_on_device({"policy": policy_engine.module, "value": value_engine.module, "reference": reference,
+                            "reward": reward}, device)
+    scoring, training = make_scoring(models, policy_engine, value_engine, reference, rules, packed=cfg.data.packing,
+                                     impl=cfg.algorithm.logprob_impl, temperature=settings.logprob_temperature)
+    rollout_engine = HFGenerateRollouts(policy_engine, pad_id=tokenizer.pad_token_id,
+                                        batch_size=cfg.ppo.local_rollout_forward_batch_size)
+    collate = make_collate(pad_id=tokenizer.pad_token_id, packed=cfg.data.packing,
+                           max_tokens=cfg.data.max_tokens_per_batch)
+    logger.info("PPO: %d prompts per step (%d per rank), %d steps, %d optimizer steps per PPO step; rewards: %s",
+                plan.global_batch, settings.rollouts_per_rank, num_steps,
+                settings.num_ppo_epochs * settings.num_mini_batches,
+                ", ".join(([cfg.ppo.reward_model_id_or_path] if cfg.ppo.reward_model_id_or_path else [])
+                          + [f"{r.name} x{r.weight:g}" for r in rules]))
+    return PPOSession(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, template=template, data=data,
+                      policy_engine=policy_engine, value_engine=value_engine, rollout_engine=rollout_engine,
+                      scoring=scoring, training=training, settings=settings, plan=plan, num_steps=num_steps,
+                      collate=collate, rules=rules)
+
+
+def build_engines(cfg: Config, models: PPOModelSet, *, dtype: torch.dtype, num_steps: int):
+    """(policy engine, value engine, frozen reference or None, frozen reward model or None)."""
+    ds_config = engine_lib.deepspeed_config(
+        cfg.train.deepspeed, micro_batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        max_grad_norm=cfg.train.max_grad_norm, dtype=dtype)
+    optimizer_steps = num_steps * cfg.ppo.num_ppo_epochs * cfg.ppo.num_mini_batches
+    engines = []
+    for model in (models.policy, models.value):
+        engine, _, _ = engine_lib.build_engine(
+            model, ds_config=ds_config, learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
+            betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), num_training_steps=optimizer_steps,
+            warmup_ratio=cfg.train.warmup_ratio)
+        engines.append(engine)
+    device = distributed.layout().device
+    reference = reward = None
+    if models.reference is not None:
+        reference = engine_lib.build_frozen_engine(models.reference, ds_config=ds_config, device=device)
+    if models.reward is not None:
+        reward = engine_lib.build_frozen_engine(models.reward, ds_config=ds_config, device=device)
+    if models.reward_head is not None:
+        models.reward_head.to(device)
+    return engines[0], engines[1], reference, reward
+
+
+def steps_between_samples(num_steps: int, num_sample_generations: int) -> int:
+    """PPOv2's sample cadence: num_sample_generations tables spread evenly over the run (0: never)."""
+    if num_sample_generations <= 0:
+        return 0
+    return max(1, math.floor(num_steps / num_sample_generations))
