@@ -127,9 +127,8 @@ ALGORITHMS: dict[str, Algorithm] = {
 
 def get_algorithm(name: str) -> Algorithm:
     if name == "ppo":
-        raise ValueError("--rlhf_type ppo: the PPO loop (rollouts, reward scoring, GAE, clipped policy and "
-                         "value updates) is not built yet; its maths is in hpalign/losses/ppo.py. "
-                         f"Available now: {', '.join(ALGORITHMS)}")
+        raise ValueError("--rlhf_type ppo is not an offline algorithm of this table: it runs in the rollout "
+                         "loop (hpalign.rl.runner.run_ppo), which `hpalign rlhf --rlhf_type ppo` starts")
     if name not in ALGORITHMS:
         raise ValueError(f"--rlhf_type {name!r} is unknown; available: {', '.join(ALGORITHMS)}")
     return ALGORITHMS[name]

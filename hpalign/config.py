@@ -119,7 +119,8 @@ class TrainConfig:
     run_name: str | None = field(default=None, metadata={"help": "Run directory name (default: time-stamped)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training data."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: epochs decide)."})
-    batch_size: int = field(default=1, metadata={"help": "Examples (pairs) per micro-batch per process."})
+    batch_size: int = field(default=1, metadata={"help": "Examples (pairs) per micro-batch per process (PPO: "
+                                                  "prompts, default 8 as TRL's PPO trainer)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     learning_rate: float | None = field(default=None, metadata={"help": "Peak LR (default 1e-4 LoRA, 1e-5 full)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -155,10 +156,14 @@ class PPOConfig:
     """PPO (arXiv 2203.02155) as in the swift document; names and defaults follow TRL's PPOv2 trainer."""
 
     reward_model_id_or_path: str | None = field(
-        default=None, metadata={"help": "PPO: reward model directory (an RM run's output: base model + "
-                                "value_head.safetensors); the value model starts from it too."})
+        default=None, metadata={"help": "PPO: reward model: an hpalign RM checkpoint (adapter or full weights + "
+                                "value_head.safetensors; an RM run directory means its latest checkpoint) or an HF "
+                                "AutoModelForSequenceClassification directory with one label; the value model "
+                                "starts from it too."})
     reward_model_type: str | None = field(
-        default=None, metadata={"help": "PPO: model family hint of the reward model (e.g. llama3-8b-instruct)."})
+        default=None, metadata={"help": "PPO: the swift document's model family of the reward model (e.g. "
+                                "llama3-8b-instruct); accepted for its scripts, but hpalign reads the architecture "
+                                "from the reward model's config.json and says so when this is set."})
     local_rollout_forward_batch_size: int = field(
         default=64, metadata={"help": "PPO: prompts per no-grad forward pass while sampling rollouts, per process."})
     whiten_rewards: bool = field(default=False, metadata={"help": "PPO: whiten (normalise) the rewards."})
@@ -237,6 +242,7 @@ FLAG_ALIASES: dict[str, str] = {
 
 RLHF_TYPES: tuple[str, ...] = tuple(HYPERPARAMS)
 DEFAULT_LEARNING_RATE: dict[str, float] = {"lora": 1e-4, "full": 1e-5}
+PPO_DEFAULT_BATCH_SIZE = 8  # TRL's per-device batch: one prompt per PPO step would be no batch at all
 DEEPSPEED_PRESETS: tuple[str, ...] = ("zero0", "zero2", "zero3", "zero3_offload")
 
 
@@ -253,6 +259,8 @@ def resolve_defaults(cfg: Config) -> Config:
         for name in param_names(out.algorithm.rlhf_type):
             if getattr(out.algorithm, name) is None:
                 setattr(out.algorithm, name, getattr(defaults, name))
+    if out.algorithm.rlhf_type == "ppo" and "batch_size" not in cfg.user_set:
+        out.train.batch_size = PPO_DEFAULT_BATCH_SIZE
     if out.train.learning_rate is None:
         out.train.learning_rate = DEFAULT_LEARNING_RATE.get(out.tuning.sft_type)
     if out.train.gradient_checkpointing is None and (_has_cuda() or out.tuning.sft_type == "full"):

@@ -11,8 +11,8 @@ def test_every_algorithm_has_an_objective_and_a_data_kind():
         assert callable(algorithm.objective) and algorithm.data_kind in ("pair", "kto", "sft")
 
 
-def test_ppo_says_it_is_not_built_yet():
-    with pytest.raises(ValueError, match="PPO loop"):
+def test_ppo_points_to_the_rollout_loop():
+    with pytest.raises(ValueError, match="rollout loop"):
         get_algorithm("ppo")
 
 

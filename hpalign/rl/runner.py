@@ -19,6 +19,7 @@ from hpalign import checkpoint, distributed, report
 from hpalign.config import Config
 from hpalign.data import builtin
 from hpalign.data.types import TokenizedExample
+from hpalign.rl import rewards as rule_rewards
 from hpalign.rl.loop import ppo_step
 from hpalign.rl.rollout import gathered_for_generation
 from hpalign.rl.session import PPOSession, build_ppo_session, steps_between_samples
@@ -72,16 +73,29 @@ def evaluate(session: PPOSession) -> dict[str, float]:
         return {}
     session.policy_engine.eval()
     session.value_engine.eval()
-    _, texts, scores, weights = greedy_scored(session, prompts)
-    metric = [builtin.task_metric([None], [t]) for t in texts] if session.data.builtin else [0.0] * len(texts)
-    totals = distributed.sum_over_ranks([sum(weights), sum(w * s for w, s in zip(weights, scores, strict=True)),
-                                         sum(w * m for w, m in zip(weights, metric, strict=True))])
+    indices, texts, scores, weights = greedy_scored(session, prompts)
+    sums = [sum(weights), sum(w * s for w, s in zip(weights, scores, strict=True))]
+    if session.data.builtin:
+        sums += builtin_task_sums([prompts[i] for i in indices], texts, weights)
+    totals = distributed.sum_over_ranks(sums)
     metrics = {"eval/reward_mean": totals[1] / max(totals[0], 1.0)}
     if session.data.builtin:
-        metrics["eval/task_metric"] = totals[2] / max(totals[0], 1.0)
+        metrics["eval/task_metric"] = totals[3] / max(totals[2], 1.0)
+        metrics["eval/emoji_share"] = totals[4] / max(totals[0], 1.0)
     session.policy_engine.train()
     session.value_engine.train()
     return metrics
+
+
+def builtin_task_sums(prompts: list, texts: list[str], weights: list[float]) -> list[float]:
+    """[arithmetic prompts, exact answers among them, answers with emoji] (weighted): PPO's
+    program-checked task metric on the built-in data is exact-answer accuracy on its arithmetic
+    questions; the emoji share (the DPO task metric) is reported beside it."""
+    arithmetic = [rule_rewards.arithmetic_answer(rule_rewards.last_user_turn(p) or "") is not None for p in prompts]
+    correct = rule_rewards.accuracy_reward(prompts, texts)
+    return [sum(w for w, a in zip(weights, arithmetic, strict=True) if a),
+            sum(w * c for w, c in zip(weights, correct, strict=True)),
+            sum(w * builtin.has_emoji(t) for w, t in zip(weights, texts, strict=True))]
 
 
 def write_samples(session: PPOSession, step: int, metrics_logger: report.MetricsLogger) -> None:

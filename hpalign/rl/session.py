@@ -35,7 +35,9 @@ from hpalign.train.session import (
 
 logger = logging.getLogger("hpalign")
 
-BUILTIN_REWARD_FUNCS = ["emoji", "accuracy", "length"]
+# The embedded model samples no emoji at all from the built-in prompts (0 of 48 at temperature 0.7),
+# so `emoji` gives PPO no signal there; exact answers and concise ones it can learn.
+BUILTIN_REWARD_FUNCS = ["accuracy", "length"]
 
 
 @dataclass
@@ -153,6 +155,9 @@ def build_ppo_session(cfg: Config) -> PPOSession:
     logger.info("run directory: %s", run_dir)
     for warning in unused_flag_warnings(cfg, needs_reference=True):
         logger.warning(warning)
+    if cfg.ppo.reward_model_type:
+        logger.warning("--reward_model_type %s has no effect: hpalign reads the reward model's architecture from "
+                       "its own config.json", cfg.ppo.reward_model_type)
     tokenizer = load_tokenizer(cfg.model.model)
     template = templates.resolve_template(tokenizer, cfg.model.template, cfg.model.model_type)
     data = prepare_data(cfg, "prompt", template)

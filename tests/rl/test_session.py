@@ -1,0 +1,68 @@
+"""What a PPO session decides before it builds anything."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpalign.cli import build_config
+from hpalign.data.types import TokenizedExample
+from hpalign.rl.session import (
+    BUILTIN_REWARD_FUNCS,
+    decide_ppo_gradient_checkpointing,
+    decide_reward_funcs,
+    ppo_settings,
+    steps_between_samples,
+)
+
+
+def _cfg(*flags):
+    return build_config(["--rlhf_type", "ppo", *flags])
+
+
+def test_reward_funcs_default_to_the_builtin_rules_without_a_reward_model():
+    assert decide_reward_funcs(_cfg(), builtin=True) == BUILTIN_REWARD_FUNCS
+    assert decide_reward_funcs(_cfg("--reward_model_id_or_path", "rm"), builtin=True) == []
+    assert decide_reward_funcs(_cfg("--reward_funcs", "emoji"), builtin=False) == ["emoji"]
+    with pytest.raises(ValueError, match="needs a reward"):
+        decide_reward_funcs(_cfg("--dataset", "x.jsonl"), builtin=False)
+
+
+def test_ppo_batch_defaults_to_eight_prompts_unless_given():
+    assert _cfg().train.batch_size == 8
+    assert _cfg("--batch_size", "2").train.batch_size == 2
+    assert build_config(["--rlhf_type", "dpo"]).train.batch_size == 1
+
+
+def test_gradient_checkpointing_from_prompt_plus_response_tokens():
+    prompts = [TokenizedExample([1] * 40, [], "a")]
+    assert decide_ppo_gradient_checkpointing(_cfg("--batch_size", "8", "--response_length", "53"), prompts)
+    assert not decide_ppo_gradient_checkpointing(_cfg("--batch_size", "2", "--response_length", "53"), prompts)
+    assert not decide_ppo_gradient_checkpointing(_cfg("--gradient_checkpointing", "false"), prompts)
+
+
+def test_settings_carry_every_ppo_flag():
+    cfg = _cfg("--batch_size", "2", "--gradient_accumulation_steps", "3", "--num_mini_batches", "2",
+               "--num_ppo_epochs", "5", "--local_rollout_forward_batch_size", "7", "--response_length", "9",
+               "--temperature", "0.9", "--kl_coef", "0.2", "--kl_estimator", "k3", "--whiten_rewards", "true",
+               "--gamma", "0.9", "--lam", "0.5", "--cliprange", "0.3", "--cliprange_value", "0.4", "--vf_coef", "0.6",
+               "--missing_eos_penalty", "2")
+    settings = ppo_settings(cfg, stop_ids=(3,))
+    assert settings.rollouts_per_rank == 12 and settings.rollout_chunk == 7 and settings.num_ppo_epochs == 5
+    assert settings.sampling == type(settings.sampling)(max_new_tokens=9, temperature=0.9, stop_ids=(3,))
+    assert (settings.kl_coef, settings.kl_estimator, settings.whiten_rewards, settings.gamma, settings.lam) == (
+        0.2, "k3", True, 0.9, 0.5)
+    assert (settings.cliprange, settings.cliprange_value, settings.vf_coef, settings.missing_eos_penalty,
+            settings.logprob_temperature) == (0.3, 0.4, 0.6, 2.0, 0.9)
+
+
+def test_sample_cadence():
+    assert steps_between_samples(100, 10) == 10
+    assert steps_between_samples(3, 10) == 1
+    assert steps_between_samples(100, 0) == 0
+
+
+def test_config_errors_for_ppo_choices():
+    with pytest.raises(ValueError, match="--stop_token 'never'"):
+        _cfg("--stop_token", "never")
+    with pytest.raises(ValueError, match="--reward_weights has 1 values for 2"):
+        _cfg("--reward_funcs", "emoji", "length", "--reward_weights", "1")
