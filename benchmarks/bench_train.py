@@ -600,6 +600,10 @@ def main(argv: list[str] | None = None) -> None:
 
         run_trl(json.loads(sys.argv[2]))
         return
+    import bench_ppo  # PPO has a runner of its own (TRL's PPOTrainer, phase timings); same flags
+
+    if bench_ppo.requested(sys.argv[1:] if argv is None else list(argv)):
+        return bench_ppo.main(sys.argv[1:] if argv is None else list(argv))
     args = parse_args(argv)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="hpalign-bench-") as tmp:

@@ -122,7 +122,8 @@ class TrainConfig:
     batch_size: int = field(default=1, metadata={"help": "Examples (pairs) per micro-batch per process (PPO: "
                                                   "prompts, default 8 as TRL's PPO trainer)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    learning_rate: float | None = field(default=None, metadata={"help": "Peak LR (default 1e-4 LoRA, 1e-5 full)."})
+    learning_rate: float | None = field(default=None, metadata={"help": "Peak LR (default 1e-4 LoRA, 1e-5 full; "
+                                                               "PPO with LoRA 3e-4)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
@@ -243,6 +244,9 @@ FLAG_ALIASES: dict[str, str] = {
 RLHF_TYPES: tuple[str, ...] = tuple(HYPERPARAMS)
 DEFAULT_LEARNING_RATE: dict[str, float] = {"lora": 1e-4, "full": 1e-5}
 PPO_DEFAULT_BATCH_SIZE = 8  # TRL's per-device batch: one prompt per PPO step would be no batch at all
+# PPO takes 4 optimizer steps per rollout batch, tens of steps in all: at 1e-4 a LoRA policy barely moves
+# in the embedded default's 14 steps (SmolLM2, measured: no reward gain); 5e-4 overshoots (KL 2.6 by step 7).
+PPO_LORA_LEARNING_RATE = 3e-4
 DEEPSPEED_PRESETS: tuple[str, ...] = ("zero0", "zero2", "zero3", "zero3_offload")
 
 
@@ -263,6 +267,8 @@ def resolve_defaults(cfg: Config) -> Config:
         out.train.batch_size = PPO_DEFAULT_BATCH_SIZE
     if out.train.learning_rate is None:
         out.train.learning_rate = DEFAULT_LEARNING_RATE.get(out.tuning.sft_type)
+        if out.algorithm.rlhf_type == "ppo" and out.tuning.sft_type == "lora":
+            out.train.learning_rate = PPO_LORA_LEARNING_RATE
     if out.train.gradient_checkpointing is None and (_has_cuda() or out.tuning.sft_type == "full"):
         # Else (LoRA on a CPU) it stays unset: the session decides from the data's lengths, see
         # hpalign.train.session.decide_gradient_checkpointing.

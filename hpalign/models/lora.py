@@ -93,8 +93,11 @@ def apply_lora(model: nn.Module, *, targets: list[str], rank: int, alpha: float,
         )
     from peft import LoraConfig, get_peft_model
 
+    # A sequence-classification model (an HF reward model PPO trains as its value model) has no
+    # generation methods for peft's causal-LM wrapper: its own task type wraps it.
+    task_type = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, task_type=task_type,
         target_modules=lora_target_names(model, targets),
     )
     if getattr(model, "is_gradient_checkpointing", False):

@@ -226,6 +226,7 @@ def ppo_step(*, policy_engine, value_engine, rollout_engine: RolloutEngine, scor
     device = distributed.layout().device
     timer = PhaseTimer(device)
     started = time.perf_counter()
+    learning_rate = policy_engine.lr_scheduler.get_last_lr()[0]  # the rate this step's updates start with
     rollout, examples, texts, prompts = sample_rollouts(rollout_engine, prompt_ids, indices,
                                                         sampling=settings.sampling, seed=seed, step=step,
                                                         decode=decode, prompts=prompts)
@@ -252,4 +253,7 @@ def ppo_step(*, policy_engine, value_engine, rollout_engine: RolloutEngine, scor
     metrics.update({f"time/{phase}": value for phase, value in timer.seconds.items()})
     metrics["time/step"] = seconds
     metrics["rollout/tokens_per_second"] = rollout_totals["num_tokens"] / max(timer.seconds["generation"], 1e-9)
+    metrics["lr"] = learning_rate
+    if device.type == "cuda":  # the allocator's own counter: no device sync
+        metrics["gpu_peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return StepOutput(metrics=metrics, rollouts=rollouts, num_episodes=int(rollout_totals["num_sequences"]))

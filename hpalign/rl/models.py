@@ -156,6 +156,11 @@ def build_ppo_models(*, model: str | None, ref_model: str | None, reward_model: 
             value_lm = apply_lora(value_lm, targets=lora.targets, rank=lora.rank, alpha=lora.alpha,
                                   dropout=lora.dropout)
         value = RewardModel.with_new_head(value_lm, seed=seed)
+        # A zero head: V = 0 until the value loss has taught it something, so the first advantages
+        # are the (whitened) discounted rewards themselves, not noise of a random projection of
+        # the hidden states (measured on SmolLM2: a random head's values pushed the policy's KL to 2.6
+        # in 7 steps with no gain in reward).
+        torch.nn.init.zeros_(value.value_head.summary.weight)
     freeze_unused_lm_head(value)
     if gradient_checkpointing and not getattr(value.lm, "is_gradient_checkpointing", True):
         value.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -28,7 +28,8 @@ from hpalign.train.metrics import MetricWindow
 from hpalign.train.schedule import micro_batches_for_step
 
 logger = logging.getLogger("hpalign")
-LATEST = ("lr", "episode", "eps")
+LATEST = ("lr", "episode", "eps", "gpu_peak_memory_mib")
+SAMPLE_PROMPTS = 4  # held-out prompts of each sample table (greedy, scored)
 
 
 def step_prompts(session: PPOSession, step: int) -> tuple[list[int], list[int]]:
@@ -101,7 +102,7 @@ def builtin_task_sums(prompts: list, texts: list[str], weights: list[float]) -> 
 def write_samples(session: PPOSession, step: int, metrics_logger: report.MetricsLogger) -> None:
     """PPOv2's sample table: greedy responses to the first held-out prompts with their scores, appended
     to samples.jsonl in the run directory (and a W&B table with --report_to wandb)."""
-    prompts = session.data.val_prompts[: max(1, session.cfg.train.batch_size)] or []
+    prompts = session.data.val_prompts[:SAMPLE_PROMPTS]
     if not prompts:
         return
     indices, texts, scores, weights = greedy_scored(session, prompts)
@@ -157,7 +158,7 @@ def train(session: PPOSession, metrics_logger: report.MetricsLogger, *, start_st
                           settings=session.settings, collate=session.collate, decode=decode, eos_ids=eos_ids,
                           seed=cfg.train.seed, step=step)
         episode += output.num_episodes
-        output.metrics.update({"episode": episode, "lr": session.policy_engine.lr_scheduler.get_last_lr()[0],
+        output.metrics.update({"episode": episode,
                                "eps": (episode - episodes_at_start) / max(time.time() - started, 1e-9)})
         window.add_step(sums={}, shared={}, host=output.metrics)
         done = step + 1
@@ -165,7 +166,8 @@ def train(session: PPOSession, metrics_logger: report.MetricsLogger, *, start_st
         if done % cfg.train.logging_steps == 0 or done == session.num_steps:
             averaged = window.reduce()
             for name in LATEST:
-                averaged[name] = output.metrics[name]
+                if name in output.metrics:
+                    averaged[name] = output.metrics[name]
             metrics_logger.log(done, averaged)
             bar.set_postfix(score=f"{averaged['objective/scores']:.3f}", kl=f"{averaged['objective/kl']:.3f}")
         if sample_every and done % sample_every == 0:

@@ -13,7 +13,7 @@ import torch
 from hpalign import distributed
 from hpalign.config import Config, save_config, unused_flag_warnings
 from hpalign.data import templates
-from hpalign.models import RewardModel, load_tokenizer, resolve_dtype
+from hpalign.models import ModelSource, RewardModel, load_tokenizer, resolve_dtype
 from hpalign.ops.attention import enable_varlen_attention, varlen_backend
 from hpalign.rl import rewards as rule_rewards
 from hpalign.rl.loop import PPOSettings, TrainPasses
@@ -59,6 +59,28 @@ class PPOSession:
     rules: list = field(default_factory=list)
 
 
+# The built-in PPO task: its arithmetic questions, where both default rewards apply; 14 steps of 8
+# prompts (112 of the 232) is the length that finishes under 15 minutes on 2 CPU cores with SmolLM2.
+BUILTIN_PPO_STEPS = 14
+
+
+def keep_arithmetic_prompts(data: PreparedData, *, num_eval: int) -> None:
+    """Keep the built-in prompts whose question `accuracy` checks: the training ones, and the first
+    `num_eval` (--num_eval_generations) held-out ones."""
+    from hpalign.data import builtin
+
+    def is_arithmetic(prompt) -> bool:
+        return rule_rewards.arithmetic_answer(rule_rewards.last_user_turn(prompt) or "") is not None
+
+    kept = [i for i, prompt in enumerate(data.train_prompts) if is_arithmetic(prompt)]
+    data.train = [data.train[i] for i in kept]
+    data.train_prompts = [data.train_prompts[i] for i in kept]
+    held_out = [example.prompt for example in builtin.builtin_dataset("prompt", "test", seed=0)]
+    data.val_prompts = [p for p in held_out if is_arithmetic(p)][:num_eval]
+    logger.info("PPO on the built-in data: its %d arithmetic questions (%d held-out for evaluation)",
+                len(data.train), len(data.val_prompts))
+
+
 def decide_reward_funcs(cfg: Config, *, builtin: bool) -> list[str]:
     """--reward_funcs as given; unset, the built-in task's rules when there is no reward model."""
     if cfg.ppo.reward_funcs:
@@ -72,13 +94,22 @@ def decide_reward_funcs(cfg: Config, *, builtin: bool) -> list[str]:
                      f"({', '.join(rule_rewards.REWARD_FUNCS)})")
 
 
+# PPO's micro-batches are short rows of prompt + response (8 x ~100 tokens on the built-in data: under
+# 1 GB of activations per model for SmolLM2), where recomputation would cost ~25 % of the update phase.
+PPO_CHECKPOINT_MIN_TOKENS = 4 * CHECKPOINT_MIN_TOKENS
+
+
 def decide_ppo_gradient_checkpointing(cfg: Config, prompts: list) -> bool:
-    """--gradient_checkpointing as given; unset (LoRA on a CPU), on when a micro-batch of prompts
-    plus full-length responses averages CHECKPOINT_MIN_TOKENS tokens (as the offline loop decides)."""
+    """--gradient_checkpointing as given; unset (LoRA on a CPU), on when a micro-batch of prompts plus
+    full-length responses averages PPO_CHECKPOINT_MIN_TOKENS tokens."""
     if cfg.train.gradient_checkpointing is not None:
         return cfg.train.gradient_checkpointing
     mean_prompt = sum(len(p.prompt_ids) for p in prompts) / max(len(prompts), 1)
-    return cfg.train.batch_size * (mean_prompt + cfg.ppo.response_length) >= CHECKPOINT_MIN_TOKENS
+    tokens = cfg.train.batch_size * (mean_prompt + cfg.ppo.response_length)
+    enabled = tokens >= PPO_CHECKPOINT_MIN_TOKENS
+    logger.info("gradient checkpointing %s (auto: PPO micro-batches average %.0f tokens; on from %d)",
+                "on" if enabled else "off", tokens, PPO_CHECKPOINT_MIN_TOKENS)
+    return enabled
 
 
 def ppo_settings(cfg: Config, stop_ids: tuple[int, ...]) -> PPOSettings:
@@ -98,7 +129,7 @@ def check_reward_tokenizer(tokenizer, reward_dir: Path | None) -> None:
     """The reward model reads the policy's token ids as they are: its tokenizer must be the same."""
     if reward_dir is None or not (reward_dir / "tokenizer_config.json").is_file():
         return
-    reward_tokenizer = load_tokenizer(str(reward_dir))
+    reward_tokenizer = load_tokenizer(ModelSource(kind="directory", name=str(reward_dir), path=reward_dir))
     if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"the reward model in {reward_dir} has another tokenizer than the policy: hpalign scores "
                          "the policy's token ids directly, so train the reward model from the same base model "
@@ -164,6 +195,12 @@ def build_ppo_session(cfg: Config) -> PPOSession:
     if not data.train:
         raise ValueError("PPO has no training prompts: check --dataset")
     cfg.ppo.reward_funcs = decide_reward_funcs(cfg, builtin=data.builtin)
+    if data.builtin and not cfg.ppo.reward_model_id_or_path:
+        keep_arithmetic_prompts(data, num_eval=cfg.data.num_eval_generations)
+        if "max_steps" not in cfg.user_set and "num_train_epochs" not in cfg.user_set:
+            cfg.train.max_steps = BUILTIN_PPO_STEPS
+            logger.info("PPO on the built-in prompts: %d steps by default (--max_steps / --num_train_epochs "
+                        "set the length)", BUILTIN_PPO_STEPS)
     rules = rule_rewards.parse_reward_funcs(cfg.ppo.reward_funcs, cfg.ppo.reward_weights)
     dtype = resolve_dtype(cfg.model.torch_dtype)
     cfg.train.gradient_checkpointing = decide_ppo_gradient_checkpointing(cfg, data.train)

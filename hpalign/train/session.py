@@ -310,7 +310,10 @@ def configure_threads(cfg: Config) -> None:
     # torchrun LOCAL_WORLD_SIZE.
     local = os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE")
     local_processes = int(local) if local else distributed.world_size()
-    threads = cfg.train.num_threads or max(1, (os.cpu_count() or 1) // local_processes)
+    # --num_threads, else OMP_NUM_THREADS when the caller set it, else this process's share of the cores.
+    from_env = os.environ.get("OMP_NUM_THREADS", "")
+    threads = cfg.train.num_threads or (int(from_env) if from_env.isdigit() and int(from_env) > 0 else
+                                        max(1, (os.cpu_count() or 1) // local_processes))
     torch.set_num_threads(threads)
 
 

@@ -63,6 +63,8 @@ def test_full_fine_tuning_holds_separate_frozen_reference_and_reward(tmp_path):
 def test_rule_rewards_only_start_the_value_model_from_the_policy_with_a_fresh_head():
     models = _build(None, LORA)
     assert models.reward is None and models.reward_head is None
+    head = models.value.value_head.summary
+    assert not head.weight.abs().sum() and not head.bias.abs().sum() and head.weight.requires_grad  # V = 0
     policy_base = dict(models.policy.get_base_model().named_parameters())
     for name, param in models.value.lm.get_base_model().named_parameters():
         if "lora_" not in name:
@@ -78,3 +80,22 @@ def test_a_run_directory_means_its_latest_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither value_head.safetensors"):
         resolve_reward_checkpoint(str(tmp_path / "empty"))
+
+
+def test_an_hf_sequence_classification_reward_model_with_a_lora_value_model(tmp_path):
+    from hpalign.export import export_seq_cls
+
+    saved = save_reward_checkpoint(tmp_path / "rm", lora=True)
+    export_seq_cls(tmp_path / "rm", tmp_path / "hf", pad_token="<|im_start|>", drop_bias=True)
+    bias = float(saved.value_head.summary.bias)  # HF's score layer has none: scores are lower by it
+    models = _build(str(tmp_path / "hf"), LORA)
+    assert is_peft_model(models.value.lm) and models.reward is None
+    with torch.no_grad():
+        expected = reward_stats(saved, BATCH, packed=False).rewards_ER - bias
+        from hpalign.models import RewardModel
+
+        with models.value.lm.disable_adapter():
+            shared = reward_stats(RewardModel(models.value.lm, models.reward_head), BATCH, packed=False).rewards_ER
+        value_start = reward_stats(models.value, BATCH, packed=False).rewards_ER
+    torch.testing.assert_close(shared, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(value_start, expected, atol=1e-5, rtol=1e-5)

@@ -35,8 +35,8 @@ def test_ppo_batch_defaults_to_eight_prompts_unless_given():
 
 def test_gradient_checkpointing_from_prompt_plus_response_tokens():
     prompts = [TokenizedExample([1] * 40, [], "a")]
-    assert decide_ppo_gradient_checkpointing(_cfg("--batch_size", "8", "--response_length", "53"), prompts)
-    assert not decide_ppo_gradient_checkpointing(_cfg("--batch_size", "2", "--response_length", "53"), prompts)
+    assert not decide_ppo_gradient_checkpointing(_cfg("--batch_size", "8", "--response_length", "53"), prompts)
+    assert decide_ppo_gradient_checkpointing(_cfg("--batch_size", "32", "--response_length", "53"), prompts)
     assert not decide_ppo_gradient_checkpointing(_cfg("--gradient_checkpointing", "false"), prompts)
 
 
@@ -66,3 +66,28 @@ def test_config_errors_for_ppo_choices():
         _cfg("--stop_token", "never")
     with pytest.raises(ValueError, match="--reward_weights has 1 values for 2"):
         _cfg("--reward_funcs", "emoji", "length", "--reward_weights", "1")
+
+
+def test_builtin_ppo_keeps_the_arithmetic_questions():
+    from hpalign.data import builtin
+    from hpalign.data.types import LoadReport
+    from hpalign.rl.session import keep_arithmetic_prompts
+    from hpalign.train.datasets import PreparedData
+
+    prompts = [example.prompt for example in builtin.builtin_dataset("prompt", "train")]
+    train = [TokenizedExample([i], [], "x") for i in range(len(prompts))]
+    data = PreparedData(train=train, val=[], val_prompts=prompts[:40], report=LoadReport(), builtin=True,
+                        train_prompts=prompts)
+    keep_arithmetic_prompts(data, num_eval=32)
+    assert len(data.train) == len(data.train_prompts) == 232  # the built-in set's arithmetic questions
+    assert all(prompts[example.prompt_ids[0]] is p for example, p in zip(data.train, data.train_prompts, strict=True))
+    from hpalign.rl.rewards import arithmetic_answer
+
+    assert all(arithmetic_answer(p[-1]["content"]) is not None for p in data.val_prompts)
+    assert len(data.val_prompts) == 32  # of the held-out split's 38 arithmetic questions
+
+
+def test_learning_rate_default_for_ppo_with_lora():
+    assert _cfg().train.learning_rate == 3e-4
+    assert _cfg("--sft_type", "full").train.learning_rate == 1e-5
+    assert _cfg("--learning_rate", "1e-5").train.learning_rate == 1e-5

@@ -19,8 +19,12 @@ TINY_FLAGS = ["--model", "tiny-random-llama", "--num_eval_generations", "4", "--
 
 
 def run_cli(args: list[str], *, launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               DS_ACCELERATOR="cpu")
+    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
+    # hpalign takes OMP_NUM_THREADS as its thread count: one per rank under a launcher, else its default.
+    if launcher:
+        env["OMP_NUM_THREADS"] = "1"
+    else:
+        env.pop("OMP_NUM_THREADS", None)
     command = launcher + [str(REPO / "launch" / "train.py")] if launcher else [sys.executable, "-m", "hpalign", "rlhf"]
     result = subprocess.run(command + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:

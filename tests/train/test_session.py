@@ -2,6 +2,8 @@
 
 import logging
 
+import pytest
+
 from hpalign.config import Config
 from hpalign.data.types import TokenizedExample
 from hpalign.train.session import CHECKPOINT_MIN_TOKENS, decide_gradient_checkpointing
@@ -133,3 +135,30 @@ def test_logprob_impl_cuda_fails_before_loading_anything_on_a_machine_without_th
     check_logprob_impl("torch")
     with pytest.raises(ValueError, match=r"--logprob_impl cuda: the hpalign CUDA token log-prob op is not available"):
         check_logprob_impl("cuda")
+
+
+def test_thread_count_flag_then_omp_num_threads_then_the_cores(monkeypatch):
+    import os
+
+    import torch
+
+    from hpalign.train.session import configure_threads
+
+    if torch.cuda.is_available():
+        pytest.skip("threads are left alone on a GPU machine")
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        configure_threads(Config())
+        assert torch.get_num_threads() == 1
+        cfg = Config()
+        cfg.train.num_threads = 2
+        configure_threads(cfg)
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.delenv("LOCAL_SIZE", raising=False)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        configure_threads(Config())
+        assert torch.get_num_threads() == max(1, os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)
