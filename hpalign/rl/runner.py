@@ -82,21 +82,30 @@ def evaluate(session: PPOSession) -> dict[str, float]:
     metrics = {"eval/reward_mean": totals[1] / max(totals[0], 1.0)}
     if session.data.builtin:
         metrics["eval/task_metric"] = totals[3] / max(totals[2], 1.0)
-        metrics["eval/emoji_share"] = totals[4] / max(totals[0], 1.0)
+        metrics["eval/exact_answer_share"] = totals[4] / max(totals[2], 1.0)
+        metrics["eval/emoji_share"] = totals[5] / max(totals[0], 1.0)
     session.policy_engine.train()
     session.value_engine.train()
     return metrics
 
 
 def builtin_task_sums(prompts: list, texts: list[str], weights: list[float]) -> list[float]:
-    """[arithmetic prompts, exact answers among them, answers with emoji] (weighted): PPO's
-    program-checked task metric on the built-in data is exact-answer accuracy on its arithmetic
-    questions; the emoji share (the DPO task metric) is reported beside it."""
+    """[arithmetic prompts, exact and brief answers, exact answers, answers with emoji] (weighted).
+    PPO's built-in task is the one its default rewards grade: answer the arithmetic question exactly
+    and briefly; its program-checked metric is the share of answers that hold the exact result AND
+    stay within the length budget (the `length` reward's 80 characters). Exact answers alone and
+    the emoji share (the DPO task metric) are reported beside it."""
     arithmetic = [rule_rewards.arithmetic_answer(rule_rewards.last_user_turn(p) or "") is not None for p in prompts]
-    correct = rule_rewards.accuracy_reward(prompts, texts)
-    return [sum(w for w, a in zip(weights, arithmetic, strict=True) if a),
-            sum(w * c for w, c in zip(weights, correct, strict=True)),
-            sum(w * builtin.has_emoji(t) for w, t in zip(weights, texts, strict=True))]
+    exact = rule_rewards.accuracy_reward(prompts, texts)
+    brief = [penalty == 0.0 for penalty in rule_rewards.length_reward(prompts, texts)]
+    rows = zip(weights, arithmetic, exact, brief, texts, strict=True)
+    totals = [0.0, 0.0, 0.0, 0.0]
+    for weight, is_arithmetic, is_exact, is_brief, text in rows:
+        totals[0] += weight * is_arithmetic
+        totals[1] += weight * (is_arithmetic and is_exact == 1.0 and is_brief)
+        totals[2] += weight * (is_arithmetic and is_exact == 1.0)
+        totals[3] += weight * builtin.has_emoji(text)
+    return totals
 
 
 def write_samples(session: PPOSession, step: int, metrics_logger: report.MetricsLogger) -> None:
