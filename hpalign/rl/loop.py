@@ -242,13 +242,17 @@ def ppo_step(*, policy_engine, value_engine, rollout_engine: RolloutEngine, scor
                           device=device, seed=seed, step=step)
     timer.lap("update")
     sums = rollout_sums(rollouts, eos_ids)
+    num_local = float(len(rollouts.examples))
+    for name, value in (rollouts.score_metrics or {}).items():  # batch means (rule rewards): weight by size
+        sums[f"mean:{name}"] = torch.tensor(value * num_local, dtype=torch.float64)
     names = sorted(sums)
     flat = torch.cat([torch.stack([sums[n].double().to(device) for n in names]), updates.reshape(-1)])
     totals = global_sum(flat)
     rollout_totals = {n: float(v) for n, v in zip(names, totals[:len(names)], strict=True)}
     metrics = step_metrics(rollout_totals, totals[len(names):].reshape(updates.shape).cpu(), kl_coef=settings.kl_coef)
-    for name, value in (rollouts.score_metrics or {}).items():
-        metrics[name] = value  # this rank's batch means (rule rewards), not reduced
+    for name in names:
+        if name.startswith("mean:"):
+            metrics[name.removeprefix("mean:")] = rollout_totals[name] / max(rollout_totals["num_sequences"], 1.0)
     seconds = time.perf_counter() - started
     metrics.update({f"time/{phase}": value for phase, value in timer.seconds.items()})
     metrics["time/step"] = seconds
