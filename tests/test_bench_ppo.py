@@ -3,10 +3,8 @@ order, TRL's rendered rows), reward model, commands, the summary and ratio arith
 (fast), and (slow) one tiny run of both tools, skipped without the TRL venv of scripts/trl_ppo_env.sh."""
 
 import argparse
-import importlib.util
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,21 +13,14 @@ import torch
 
 from hpalign.data.templates import resolve_template
 from hpalign.tiny_model import build_byte_tokenizer, build_tiny_llama
+from tests.benchmark_modules import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bp():
-    return load("bench_ppo")
+    return load_benchmark("bench_ppo")
 
 
 def ppo_args(bp, *extra: str) -> argparse.Namespace:
@@ -141,7 +132,7 @@ def test_both_reward_model_forms_score_alike(bp, tmp_path):
 def test_both_tools_get_the_same_settings(bp, tmp_path):
     from hpalign.cli_args import parse_config
 
-    trl_ppo = load("trl_ppo")
+    trl_ppo = load_benchmark("trl_ppo")
     args = ppo_args(bp, "--sft_type", "full", "--batch_size", "8", "--num_mini_batches", "2", "--response_length",
                     "21", "--num_ppo_epochs", "3", "--temperature", "0.9", "--seed", "5")
     command = bp.hpalign_command(args, Path("m"), Path("rm"), tmp_path, "hpalign-0", ["--packing", "false"])

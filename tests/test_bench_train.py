@@ -2,9 +2,7 @@
 order), its commands, and its result table, phase shares and chart. Nothing here trains."""
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,17 +10,12 @@ import pytest
 from hpalign.data.templates import resolve_template
 from hpalign.tiny_model import build_byte_tokenizer
 from hpalign.train.schedule import BatchPlan, micro_batches_for_step
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+from tests.benchmark_modules import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train"] = module  # its dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_train")
 
 
 def bench_args(**overrides) -> argparse.Namespace:

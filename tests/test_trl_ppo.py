@@ -3,11 +3,9 @@
 scripts/trl_ppo_env.sh, skipped when that venv is not there."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 import torch
 
 from hpalign.tiny_model import build_byte_tokenizer, build_tiny_llama
+from tests.benchmark_modules import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_SCRIPT = REPO / "scripts" / "trl_ppo_env.sh"
@@ -22,11 +21,7 @@ ENV_SCRIPT = REPO / "scripts" / "trl_ppo_env.sh"
 
 @pytest.fixture(scope="module")
 def tp():
-    spec = importlib.util.spec_from_file_location("trl_ppo", REPO / "benchmarks" / "trl_ppo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["trl_ppo"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("trl_ppo")
 
 
 def write_spec(path: Path, **values) -> Path:

@@ -2,11 +2,9 @@
 config and trainer, the step recorder, and (slow) a 2-step TRL run per algorithm on tiny-random-llama.
 The TRL checks skip without trl."""
 
-import importlib.util
 import inspect
 import json
 import math
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,23 +12,16 @@ import pytest
 
 from hpalign.data.templates import resolve_template
 from hpalign.tiny_model import build_byte_tokenizer
+from tests.benchmark_modules import load_benchmark
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 PAIR_TYPES = ("dpo", "cpo", "simpo", "orpo", "rm")
 PROMPTS = ["What is 2 + 2?", "Write a haiku\nabout rain.", "Hi", "Explain DPO in one line, please."]
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tt():
-    return load("trl_trainers")
+    return load_benchmark("trl_trainers")
 
 
 @pytest.fixture(scope="module")
