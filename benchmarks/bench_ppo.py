@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
@@ -55,6 +55,7 @@ from bench_train import (  # noqa: E402
     run_child,
     words,
     write_jsonl,
+    write_results,
 )
 
 PROMPT_SETS = ("mixed", "builtin")
@@ -427,16 +428,6 @@ def markdown_table(summaries: list[PPOSummary], header: str, *, check: dict | No
     return text + "\nBy construction:\n" + "".join(f"- {note}\n" for note in NOTES)
 
 
-def write_results(out_dir: Path, stem: str, *, meta: dict, summaries: list[PPOSummary], check: dict,
-                  table: str) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / stem
-    payload = {"meta": meta, "check": check, "results": [asdict(s) for s in summaries]}
-    path.with_suffix(".json").write_text(json.dumps(payload, indent=2))
-    path.with_suffix(".md").write_text(table)
-    return path
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -552,7 +543,8 @@ def main(argv: list[str] | None = None) -> None:
             "notes": list(NOTES), "aggregation": "s/step: median over timed steps of all repeats; phases split it "
             "by their share of the summed timed time; rollout tokens/s: sum generated tokens / sum generation s"}
     stem = f"{result_stem(args, slug, date)}_{args.prompts}"
-    path = write_results(args.out_dir, stem, meta=meta, summaries=summaries, check=check, table=table)
+    path = write_results(args.out_dir, stem, meta=meta, summaries=summaries, check=check, table=table,
+                         check_key="check")
     print(f"wrote {path}.json and {path}.md")
 
 

@@ -505,11 +505,12 @@ def ratio_chart(path: Path, summaries: list[Summary], *, title: str, targets: tu
     return True
 
 
-def write_results(out_dir: Path, stem: str, *, meta: dict, summaries: list[Summary], check: dict,
-                  table: str) -> Path:
+def write_results(out_dir: Path, stem: str, *, meta: dict, summaries: list, check: dict, table: str,
+                  check_key: str = "step_one_check") -> Path:
+    """<stem>.json (meta, the check under `check_key`, every summary) and <stem>.md (the table)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / stem
-    payload = {"meta": meta, "step_one_check": check, "results": [asdict(s) for s in summaries]}
+    payload = {"meta": meta, check_key: check, "results": [asdict(s) for s in summaries]}
     path.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     path.with_suffix(".md").write_text(table)
     return path
