@@ -61,7 +61,6 @@ class PPOSettings:
     cliprange_value: float
     vf_coef: float
     missing_eos_penalty: float | None
-    logprob_temperature: float
 
     @property
     def rollouts_per_rank(self) -> int:
@@ -77,15 +76,14 @@ class TrainPasses:
 
 
 def sample_rollouts(engine: RolloutEngine, prompt_ids: list[list[int]], indices: list[int], *,
-                    sampling: SamplingParams, seed: int, step: int, decode: Callable[[list[int]], str],
-                    prompts: list[list[Message]]):
+                    sampling: SamplingParams, seed: int, step: int, decode: Callable[[list[int]], str]):
     """Sample one response per prompt (seeded per prompt's global index: resumable, layout-free)."""
     seeds = [derived_seed(seed, "rollout", step, index) for index in indices]
     rollout = engine.generate(prompt_ids, sampling, seeds)
     examples = [TokenizedExample(prompt_ids=p, responses=[r], source=f"rollout:{step}:{i}")
                 for p, r, i in zip(prompt_ids, rollout.response_ids, indices, strict=True)]
     texts = [decode(ids) for ids in rollout.response_ids]
-    return rollout, examples, texts, prompts
+    return rollout, examples, texts
 
 
 def score_rollouts(passes: ScoringPasses, rollout, examples, texts, prompts, *, settings: PPOSettings,
@@ -227,9 +225,8 @@ def ppo_step(*, policy_engine, value_engine, rollout_engine: RolloutEngine, scor
     timer = PhaseTimer(device)
     started = time.perf_counter()
     learning_rate = policy_engine.lr_scheduler.get_last_lr()[0]  # the rate this step's updates start with
-    rollout, examples, texts, prompts = sample_rollouts(rollout_engine, prompt_ids, indices,
-                                                        sampling=settings.sampling, seed=seed, step=step,
-                                                        decode=decode, prompts=prompts)
+    rollout, examples, texts = sample_rollouts(rollout_engine, prompt_ids, indices, sampling=settings.sampling,
+                                               seed=seed, step=step, decode=decode)
     timer.lap("generation")
     policy_engine.eval()
     value_engine.eval()

@@ -35,10 +35,6 @@ class Rollout:
     sampler_logps: list[list[float]]
     stopped: list[bool]
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(ids) for ids in self.response_ids)
-
 
 class RolloutEngine(Protocol):
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seeds: list[int]) -> Rollout:

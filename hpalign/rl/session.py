@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,7 +56,6 @@ class PPOSession:
     plan: BatchPlan  # prompts per step: rollouts per rank x ranks
     num_steps: int
     collate: object
-    rules: list = field(default_factory=list)
 
 
 # The built-in PPO task: its arithmetic questions, where both default rewards apply; 14 steps of 8
@@ -122,7 +121,7 @@ def ppo_settings(cfg: Config, stop_ids: tuple[int, ...]) -> PPOSettings:
                                 stop_ids=stop_ids),
         kl_coef=ppo.kl_coef, kl_estimator=ppo.kl_estimator, whiten_rewards=ppo.whiten_rewards, gamma=ppo.gamma,
         lam=ppo.lam, cliprange=ppo.cliprange, cliprange_value=ppo.cliprange_value, vf_coef=ppo.vf_coef,
-        missing_eos_penalty=ppo.missing_eos_penalty, logprob_temperature=ppo.temperature)
+        missing_eos_penalty=ppo.missing_eos_penalty)
 
 
 def check_reward_tokenizer(tokenizer, reward_dir: Path | None) -> None:
@@ -137,7 +136,7 @@ def check_reward_tokenizer(tokenizer, reward_dir: Path | None) -> None:
 
 
 def make_scoring(models: PPOModelSet, policy_engine, value_engine, reference, rules, *, packed: bool,
-                 impl: str, temperature: float, decode_prompts=None) -> tuple[ScoringPasses, TrainPasses]:
+                 impl: str, temperature: float) -> tuple[ScoringPasses, TrainPasses]:
     """The closures over the models: no-grad scoring passes and grad-tracking training passes."""
     policy, value = policy_engine.module, value_engine.module
 
@@ -231,7 +230,7 @@ def build_ppo_session(cfg: Config) -> PPOSession:
     check_models_on_device({"policy": policy_engine.module, "value": value_engine.module, "reference": reference,
                             "reward": reward}, device)
     scoring, training = make_scoring(models, policy_engine, value_engine, reference, rules, packed=cfg.data.packing,
-                                     impl=cfg.algorithm.logprob_impl, temperature=settings.logprob_temperature)
+                                     impl=cfg.algorithm.logprob_impl, temperature=settings.sampling.temperature)
     rollout_engine = HFGenerateRollouts(policy_engine, pad_id=tokenizer.pad_token_id,
                                         batch_size=cfg.ppo.local_rollout_forward_batch_size)
     collate = make_collate(pad_id=tokenizer.pad_token_id, packed=cfg.data.packing,
@@ -244,7 +243,7 @@ def build_ppo_session(cfg: Config) -> PPOSession:
     return PPOSession(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, template=template, data=data,
                       policy_engine=policy_engine, value_engine=value_engine, rollout_engine=rollout_engine,
                       scoring=scoring, training=training, settings=settings, plan=plan, num_steps=num_steps,
-                      collate=collate, rules=rules)
+                      collate=collate)
 
 
 def build_engines(cfg: Config, models: PPOModelSet, *, dtype: torch.dtype, num_steps: int):

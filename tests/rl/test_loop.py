@@ -12,8 +12,7 @@ from hpalign.rl.rollout import SamplingParams
 def _settings(**overrides) -> PPOSettings:
     base = dict(batch_size=2, gradient_accumulation_steps=2, num_mini_batches=2, num_ppo_epochs=3, rollout_chunk=4,
                 sampling=SamplingParams(8, 0.7, (5,)), kl_coef=0.05, kl_estimator="k1", whiten_rewards=False,
-                gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, missing_eos_penalty=1.0,
-                logprob_temperature=0.7)
+                gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, missing_eos_penalty=1.0)
     return PPOSettings(**{**base, **overrides})
 
 

@@ -52,7 +52,7 @@ def test_settings_carry_every_ppo_flag():
     assert (settings.kl_coef, settings.kl_estimator, settings.whiten_rewards, settings.gamma, settings.lam) == (
         0.2, "k3", True, 0.9, 0.5)
     assert (settings.cliprange, settings.cliprange_value, settings.vf_coef, settings.missing_eos_penalty,
-            settings.logprob_temperature) == (0.3, 0.4, 0.6, 2.0, 0.9)
+            settings.sampling.temperature) == (0.3, 0.4, 0.6, 2.0, 0.9)
 
 
 def test_sample_cadence():
