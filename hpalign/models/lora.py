@@ -95,7 +95,9 @@ def apply_lora(model: nn.Module, *, targets: list[str], rank: int, alpha: float,
 
     # A sequence-classification model (an HF reward model PPO trains as its value model) has no
     # generation methods for peft's causal-LM wrapper: its own task type wraps it.
-    task_type = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
+    from hpalign.models.reward_model import SEQ_CLS_SUFFIX
+
+    task_type = "SEQ_CLS" if type(model).__name__.endswith(SEQ_CLS_SUFFIX) else "CAUSAL_LM"
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, task_type=task_type,
         target_modules=lora_target_names(model, targets),

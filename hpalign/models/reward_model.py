@@ -93,6 +93,17 @@ def load_seq_cls_reward_model(path: str | Path, *, dtype: torch.dtype | str,
     return reward_model
 
 
+def declares_seq_cls(config: dict) -> bool:
+    """Whether an HF config (config.json's dict) names a <Family>ForSequenceClassification architecture."""
+    return any(name.endswith(SEQ_CLS_SUFFIX) for name in config.get("architectures") or [])
+
+
+def is_seq_cls_checkpoint(directory: Path) -> bool:
+    """Whether `directory` holds an HF sequence-classification checkpoint (by its config.json)."""
+    config_file = directory / "config.json"
+    return config_file.is_file() and declares_seq_cls(json.loads(config_file.read_text()))
+
+
 def _check_seq_cls_dir(directory: Path) -> None:
     """Raise a ValueError naming `directory` unless it holds a one-label seq-cls config."""
     if not directory.is_dir():
@@ -104,10 +115,9 @@ def _check_seq_cls_dir(directory: Path) -> None:
                 f"{directory} --seq_cls --output DIR`." if (directory / VALUE_HEAD_SAFETENSORS).is_file() else "")
         raise ValueError(f"{directory} has no config.json, so it is not an HF model directory.{hint}")
     config = json.loads(config_file.read_text())
-    architectures = config.get("architectures") or []
-    if not any(name.endswith(SEQ_CLS_SUFFIX) for name in architectures):
+    if not declares_seq_cls(config):
         raise ValueError(f"{directory} is not a sequence-classification checkpoint (architectures "
-                         f"{architectures}): a reward model needs a <Family>{SEQ_CLS_SUFFIX} with one label, e.g. "
+                         f"{config.get('architectures') or []}): a reward model needs a <Family>{SEQ_CLS_SUFFIX} with one label, e.g. "
                          "one written by `hpalign export --seq_cls`.")
     num_labels = len(config["id2label"]) if "id2label" in config else config.get("num_labels", 2)
     if num_labels != 1:

@@ -19,7 +19,6 @@ plus the value model's own copy (2); full fine-tuning 4 (3 with rule rewards onl
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,8 @@ from hpalign.models import (
     load_policy,
     load_reference,
 )
+from hpalign.models.reward_model import is_seq_cls_checkpoint
+from hpalign.models.value_head import VALUE_HEAD_BIN, VALUE_HEAD_SAFETENSORS
 
 logger = logging.getLogger("hpalign")
 
@@ -66,7 +67,7 @@ def resolve_reward_checkpoint(spec: str) -> Path:
     if not path.is_dir():
         raise ValueError(f"--reward_model_id_or_path {spec!r}: no such directory (pass an RM run's checkpoint, "
                          "or an HF sequence-classification model directory)")
-    if is_seq_cls_dir(path) or (path / "value_head.safetensors").is_file() or (path / "value_head.bin").is_file():
+    if is_seq_cls_checkpoint(path) or any((path / name).is_file() for name in (VALUE_HEAD_SAFETENSORS, VALUE_HEAD_BIN)):
         return path
     checkpoints = sorted(path.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1])
                          if p.name.rsplit("-", 1)[-1].isdigit() else -1)
@@ -77,18 +78,10 @@ def resolve_reward_checkpoint(spec: str) -> Path:
                      "checkpoint), checkpoint-* folders (an RM run), nor a sequence-classification config.json")
 
 
-def is_seq_cls_dir(path: Path) -> bool:
-    config = path / "config.json"
-    if not config.is_file():
-        return False
-    architectures = json.loads(config.read_text()).get("architectures") or []
-    return any(name.endswith("ForSequenceClassification") for name in architectures)
-
-
 def load_frozen_reward_model(spec: str, *, dtype: torch.dtype) -> tuple[RewardModel, Path]:
     """(frozen reward model, its directory) from an hpalign RM checkpoint or an HF seq-cls model."""
     path = resolve_reward_checkpoint(spec)
-    if is_seq_cls_dir(path):
+    if is_seq_cls_checkpoint(path):
         from hpalign.models.reward_model import load_seq_cls_reward_model
 
         return load_seq_cls_reward_model(path, dtype=dtype), path
