@@ -192,6 +192,12 @@ class PPOConfig:
     kl_estimator: str = field(
         default="k1", metadata={"help": "PPO: per-token KL estimate in the reward: k1 (log pi - log ref, "
                                 "unbiased) or k3 ((r - 1) - log r with r = ref / pi, non-negative, lower variance)."})
+    old_logprobs: str = field(
+        default="auto", metadata={"help": "PPO: the old log-probs of the policy ratio: sampler (those the HF "
+                                  "sampler drew with, same model and weights: no extra forward, TRL PPOv2's "
+                                  "choice), recompute (a packed no-grad forward after sampling), or auto "
+                                  "(sampler in float32, where the two agree to ~1e-6; recompute in 16-bit, "
+                                  "where the KV-cached and packed forwards round differently)."})
     reward_funcs: list[str] = field(
         default_factory=list, metadata={"help": "PPO: rule rewards summed into the score: emoji, accuracy, length "
                                         "(hpalign/rl/rewards.py). Default: none with --reward_model_id_or_path; "
@@ -388,6 +394,7 @@ def _ppo_errors(p: PPOConfig) -> list[str]:
         errors.append(f"--temperature is {p.temperature}; it must be > 0 (sampling needs a positive temperature).")
     _choice(errors, "stop_token", p.stop_token, ("eos", "none"))
     _choice(errors, "kl_estimator", p.kl_estimator, ("k1", "k3"))
+    _choice(errors, "old_logprobs", p.old_logprobs, ("auto", "sampler", "recompute"))
     if p.reward_weights is not None and len(p.reward_weights) != len(p.reward_funcs):
         errors.append(f"--reward_weights has {len(p.reward_weights)} values for {len(p.reward_funcs)} "
                       "--reward_funcs; give one weight per reward function.")

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpalign.tiny_model import build_byte_tokenizer, build_tiny_llama
+from hpalign.tiny_model import build_byte_tokenizer
 from tests.benchmark_modules import load_benchmark
+from tests.tiny_models import tiny_policy_and_reward
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_SCRIPT = REPO / "scripts" / "trl_ppo_env.sh"
@@ -125,26 +126,10 @@ def trl_ppo_python() -> str:
     return check.stdout.strip()
 
 
-def tiny_models(tmp_path: Path) -> tuple[Path, Path]:
-    """tiny-random-llama and a seq-cls reward model of its shape with random weights."""
-    from transformers import LlamaForSequenceClassification
-
-    model, tokenizer = build_tiny_llama(seed=0)
-    policy = tmp_path / "policy"
-    model.save_pretrained(policy)
-    tokenizer.save_pretrained(policy)
-    config = model.config.__class__.from_dict({**model.config.to_dict(), "num_labels": 1, "id2label": None,
-                                               "label2id": None})
-    torch.manual_seed(1)
-    reward = tmp_path / "reward"
-    LlamaForSequenceClassification(config).save_pretrained(reward)
-    return policy, reward
-
-
 @pytest.mark.slow
 def test_trl_ppo_steps_are_timed(tmp_path):
     python = trl_ppo_python()
-    policy, reward = tiny_models(tmp_path)
+    policy, reward = tiny_policy_and_reward(tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": "question " * (i + 1)}]}) + "\n"
                                for i in range(4)))

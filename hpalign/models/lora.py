@@ -131,3 +131,51 @@ def reference_forward_context(policy: nn.Module) -> contextlib.AbstractContextMa
 def _adapter_off(peft_model: PeftModel) -> Iterator[None]:
     with torch.no_grad(), peft_model.disable_adapter():
         yield
+
+
+def _mergeable_lora_layers(model: nn.Module) -> list[nn.Module]:
+    """The plain LoRA linear layers with active adapters (no DoRA-like variant, no LoRA bias):
+    those whose adapter is exactly `W + delta` on the base weight."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    layers = []
+    for module in model.modules():
+        if not isinstance(module, LoraLinear) or module.disable_adapters or module.merged:
+            continue
+        adapters = [a for a in module.active_adapters if a in module.lora_A]
+        if adapters and not any(a in module.lora_variant or module.lora_B[a].bias is not None for a in adapters):
+            layers.append(module)
+    return layers
+
+
+def merged_lora_bytes(model: nn.Module) -> int:
+    """Bytes of the merged base-weight copies `lora_merged` would hold."""
+    return sum(layer.get_base_layer().weight.nbytes for layer in _mergeable_lora_layers(model))
+
+
+@contextlib.contextmanager
+def lora_merged(model: nn.Module) -> Iterator[int]:
+    """Inside: each plain LoRA linear layer computes with `W + scaling * B A` in ONE matmul, its
+    adapter branch off; on exit the original weight tensors are back, bit for bit (no in-place
+    merge/unmerge, whose rounding would drift the base weights a little every step). Costs a copy
+    of the merged weights while inside; yields how many layers it merged. For inference only
+    (sampling): gradients never reach the adapter here."""
+    layers = _mergeable_lora_layers(model)
+    restored: list[tuple[nn.Module, torch.Tensor, list[tuple[torch.Tensor, bool]]]] = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.get_base_layer().weight
+                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+                # enable_adapters(False) also clears requires_grad of the adapter: remember it
+                flags = [(p, p.requires_grad) for name, p in layer.named_parameters() if "lora_" in name]
+                restored.append((layer, weight.data, flags))
+                weight.data = weight.data + delta.to(weight.dtype)
+                layer.enable_adapters(False)
+        yield len(layers)
+    finally:
+        for layer, original, flags in restored:
+            layer.get_base_layer().weight.data = original
+            layer.enable_adapters(True)
+            for param, requires_grad in flags:
+                param.requires_grad_(requires_grad)

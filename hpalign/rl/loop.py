@@ -93,13 +93,14 @@ def score_rollouts(passes: ScoringPasses, rollout, examples, texts, prompts, *, 
     scored = run_scoring_passes(passes, examples, prompts, texts, collate=collate,
                                 chunk_size=settings.rollout_chunk, width=width, device=device)
     stopped_B = torch.tensor(rollout.stopped, device=device)
+    sampler_logps_BT = padded_rows(rollout.sampler_logps, width).to(device)
     scores_B = scored["scores"]
     if settings.missing_eos_penalty is not None and settings.sampling.stop_ids:
         scores_B = scores_B - settings.missing_eos_penalty * (~stopped_B).float()
     batch = RolloutBatch(
         examples=examples, prompts=prompts, texts=texts, mask_BT=response_mask(lengths, width).to(device),
-        sampler_logps_BT=padded_rows(rollout.sampler_logps, width).to(device),
-        old_logps_BT=scored["old_logps"], ref_logps_BT=scored["ref_logps"], values_BT=scored["values"],
+        sampler_logps_BT=sampler_logps_BT, old_logps_BT=scored.get("old_logps", sampler_logps_BT),
+        ref_logps_BT=scored["ref_logps"], values_BT=scored["values"],
         scores_B=scores_B, stopped_B=stopped_B, score_metrics=scored["metrics"])
     add_advantages(batch, kl_coef=settings.kl_coef, kl_estimator=settings.kl_estimator,
                    whiten_rewards=settings.whiten_rewards, gamma=settings.gamma, lam=settings.lam)

@@ -2,7 +2,7 @@
 
 No-grad, packed forwards over the rollout batch in chunks of --local_rollout_forward_batch_size
 sequences: the policy's log-probs (old log-probs, of the tempered distribution the sampler drew
-from), the reference's, the value model's estimates and the score (reward model and/or rule
+from; skipped when the sampler's own are used, --old_logprobs), the reference's, the value model's estimates and the score (reward model and/or rule
 rewards; minus --missing_eos_penalty for a response cut by --response_length). Then the per-token
 rewards (score on the last token, KL penalty on every token), GAE and whitened advantages, as
 TRL's PPOv2 computes them (maths in `hpalign.losses.ppo`), whitening over every rank's rollouts.
@@ -25,7 +25,7 @@ from hpalign.stats import TokenStats
 class ScoringPasses:
     """The no-grad forwards of the scoring phase, each over a packed batch of rollout sequences."""
 
-    policy: Callable[[SequenceBatch], TokenStats]  # tempered log-probs
+    policy: Callable[[SequenceBatch], TokenStats] | None  # tempered log-probs; None: the sampler's are used
     reference: Callable[[SequenceBatch], TokenStats]
     values: Callable[[SequenceBatch], TokenStats]
     # (batch, prompts, response texts) -> [S] scores: reward model plus rule rewards, and metrics
@@ -72,15 +72,20 @@ def padded_rows(rows: list[list[float]], width: int) -> torch.Tensor:
 def run_scoring_passes(passes: ScoringPasses, examples: list[TokenizedExample], prompts: list[list[Message]],
                        texts: list[str], *, collate: Callable[[list[TokenizedExample]], SequenceBatch],
                        chunk_size: int, width: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """{old_logps, ref_logps, values: [B, width], scores: [B]} on `device`, chunk by chunk; the
-    score metrics (rule rewards' means) under "metrics" as a list of per-chunk (weight, dict)."""
-    parts: dict[str, list[torch.Tensor]] = {"old_logps": [], "ref_logps": [], "values": [], "scores": []}
+    """{old_logps (unless `passes.policy` is None), ref_logps, values: [B, width], scores: [B]} on
+    `device`, chunk by chunk; the score metrics (rule rewards' means) under "metrics", weighted by
+    chunk size."""
+    parts: dict[str, list[torch.Tensor]] = {"ref_logps": [], "values": [], "scores": []}
+    if passes.policy is not None:
+        parts["old_logps"] = []
     metric_parts = []
     for start in range(0, len(examples), chunk_size):
         stop = start + chunk_size
         batch = collate(examples[start:stop]).to(device)
-        policy, reference, values = passes.policy(batch), passes.reference(batch), passes.values(batch)
-        parts["old_logps"].append(policy.as_matrix(policy.logps_M, width))
+        if passes.policy is not None:
+            policy = passes.policy(batch)
+            parts["old_logps"].append(policy.as_matrix(policy.logps_M, width))
+        reference, values = passes.reference(batch), passes.values(batch)
         parts["ref_logps"].append(reference.as_matrix(reference.logps_M, width))
         parts["values"].append(values.as_matrix(values.values_M, width))
         scores, metrics = passes.scores(batch, prompts[start:stop], texts[start:stop])

@@ -135,9 +135,21 @@ def check_reward_tokenizer(tokenizer, reward_dir: Path | None) -> None:
                          "(re-tokenising for a foreign reward model is not supported yet)")
 
 
+def recompute_old_logprobs(choice: str, dtype: torch.dtype) -> bool:
+    """--old_logprobs: whether a no-grad policy forward recomputes the sampled tokens' log-probs
+    (auto: only in 16-bit, where the sampler's KV-cached forward rounds unlike the packed one; in
+    float32 the two agree to ~1e-6 and the forward is 1/4 of the scoring phase)."""
+    if choice == "auto":
+        recompute = dtype != torch.float32
+        logger.info("old log-probs: %s (auto: %s)", "recomputed" if recompute else "the sampler's", dtype)
+        return recompute
+    return choice == "recompute"
+
+
 def make_scoring(models: PPOModelSet, policy_engine, value_engine, reference, rules, *, packed: bool,
-                 impl: str, temperature: float) -> tuple[ScoringPasses, TrainPasses]:
-    """The closures over the models: no-grad scoring passes and grad-tracking training passes."""
+                 impl: str, temperature: float, recompute_old: bool = True) -> tuple[ScoringPasses, TrainPasses]:
+    """The closures over the models: no-grad scoring passes and grad-tracking training passes
+    (`recompute_old` False: the sampler's log-probs are the old ones, no policy scoring pass)."""
     policy, value = policy_engine.module, value_engine.module
 
     def policy_logps(batch):
@@ -174,7 +186,7 @@ def make_scoring(models: PPOModelSet, policy_engine, value_engine, reference, ru
     def train_policy(batch):
         return token_stats(policy, batch, packed=packed, logprob_impl=impl, temperature=temperature, with_entropy=True)
 
-    return (ScoringPasses(policy=policy_logps, reference=reference_logps, values=values, scores=scores),
+    return (ScoringPasses(policy=policy_logps if recompute_old else None, reference=reference_logps, values=values, scores=scores),
             TrainPasses(policy=train_policy, values=values))
 
 
@@ -230,7 +242,8 @@ def build_ppo_session(cfg: Config) -> PPOSession:
     check_models_on_device({"policy": policy_engine.module, "value": value_engine.module, "reference": reference,
                             "reward": reward}, device)
     scoring, training = make_scoring(models, policy_engine, value_engine, reference, rules, packed=cfg.data.packing,
-                                     impl=cfg.algorithm.logprob_impl, temperature=settings.sampling.temperature)
+                                     impl=cfg.algorithm.logprob_impl, temperature=settings.sampling.temperature,
+                                     recompute_old=recompute_old_logprobs(cfg.ppo.old_logprobs, dtype))
     rollout_engine = HFGenerateRollouts(policy_engine, pad_id=tokenizer.pad_token_id,
                                         batch_size=cfg.ppo.local_rollout_forward_batch_size)
     collate = make_collate(pad_id=tokenizer.pad_token_id, packed=cfg.data.packing,

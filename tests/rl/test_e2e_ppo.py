@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.tiny_models import tiny_policy_and_reward
 from tests.train.conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -70,20 +71,30 @@ def test_reward_model_then_ppo_chain(tmp_path):
 
 
 RESUME = [*TINY_PPO, "--max_steps", "4", "--batch_size", "4", "--response_length", "12", "--stop_token", "none",
-          "--reward_funcs", "length", "--learning_rate", "5e-4", "--num_sample_generations", "0",
-          "--eval_before_train", "false", "--num_eval_generations", "0"]
+          "--learning_rate", "5e-4", "--num_sample_generations", "0", "--eval_before_train", "false",
+          "--num_eval_generations", "0"]
+
+
+def random_reward_flags(tmp_path) -> list[str]:
+    """tiny-random-llama scored by a random seq-cls reward model: every response its own score
+    (a rule reward gives the tiny model's byte soup one score, which whitens to zero advantages:
+    the policy would never move and the test would compare nothing of it)."""
+    policy, reward = tiny_policy_and_reward(tmp_path)
+    return ["--model", str(policy), "--reward_model_id_or_path", str(reward)]
 
 
 def test_resume_mid_run_equals_the_uninterrupted_run(tmp_path):
-    run_cli([*RESUME, "--output_dir", str(tmp_path), "--run_name", "full", "--save_steps", "2"])
+    flags = [*RESUME, *random_reward_flags(tmp_path)]
+    run_cli([*flags, "--output_dir", str(tmp_path), "--run_name", "full", "--save_steps", "2"])
     shutil.copytree(tmp_path / "full", tmp_path / "cut", ignore=shutil.ignore_patterns("checkpoint-4"))
     (tmp_path / "cut" / "metrics.jsonl").write_text("")
-    run_cli([*RESUME, "--output_dir", str(tmp_path), "--resume_from_checkpoint", str(tmp_path / "cut" / "checkpoint-2")])
+    run_cli([*flags, "--output_dir", str(tmp_path), "--resume_from_checkpoint", str(tmp_path / "cut" / "checkpoint-2")])
     expected, resumed = ppo_records(tmp_path / "full")[2:], ppo_records(tmp_path / "cut")
     assert [r["step"] for r in resumed] == [3, 4]
     for name in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "rollout/response_length",
                  "episode"):
         assert [r[name] for r in resumed] == pytest.approx([r[name] for r in expected], abs=1e-5), name
+    assert all(r["policy/approxkl_avg"] > 1e-6 for r in expected)  # the policy moves every step
     for part in ("adapter_model.safetensors", "value_model/adapter_model.safetensors",
                  "value_model/value_head.safetensors"):
         a, b = (load_file(tmp_path / run / "checkpoint-4" / part) for run in ("full", "cut"))
@@ -98,7 +109,8 @@ def test_two_rank_zero3_first_update_equals_one_process(tmp_path):
     ZeRO-3 take the first PPO update of 1 process x 4 prompts."""
     if shutil.which("deepspeed") is None:
         pytest.skip("deepspeed launcher not on PATH")
-    flags = [*RESUME, "--max_steps", "1", "--local_rollout_forward_batch_size", "1", "--output_dir", str(tmp_path)]
+    flags = [*RESUME, *random_reward_flags(tmp_path), "--max_steps", "1", "--local_rollout_forward_batch_size", "1",
+             "--output_dir", str(tmp_path)]
     run_cli([*flags, "--run_name", "single", "--batch_size", "4"])
     run_cli([*flags, "--run_name", "ranks", "--batch_size", "2", "--deepspeed", "zero3"],
             launcher=["deepspeed", "--num_gpus", "2", "--master_port", "29741"], timeout=900)
@@ -106,6 +118,7 @@ def test_two_rank_zero3_first_update_equals_one_process(tmp_path):
     for name in ("objective/scores", "objective/kl", "objective/entropy", "rollout/response_length", "episode",
                  "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "val/ratio"):
         assert ranks[name] == pytest.approx(single[name], abs=1e-4, rel=1e-4), name
+    assert single["policy/approxkl_avg"] > 1e-6  # the policy moved within the step
     for part in ("adapter_model.safetensors", "value_model/value_head.safetensors"):
         a, b = (load_file(tmp_path / run / "checkpoint-1" / part) for run in ("single", "ranks"))
         for key in a:

@@ -53,3 +53,45 @@ def test_step_metrics_follow_ppov2_definitions():
     assert metrics["val/ratio"] == pytest.approx(43 / 40)
     # variance of the two updates' mean ratios 1.0 and 1.1
     assert metrics["val/ratio_var"] == pytest.approx(0.0025)
+
+
+def test_sampler_log_probs_are_the_old_ones_when_the_policy_pass_is_off():
+    from hpalign.rl.loop import sample_rollouts, score_rollouts
+    from hpalign.rl.rollout import HFGenerateRollouts
+    from hpalign.rl.scoring import ScoringPasses
+    from hpalign.stats import TokenStats
+    from hpalign.tiny_model import build_tiny_llama
+    from hpalign.train.forward import token_stats
+    from hpalign.train.session import make_collate
+
+    model = build_tiny_llama(seed=0)[0].eval()
+    sampling = SamplingParams(max_new_tokens=6, temperature=0.7)
+    settings = _settings(gradient_accumulation_steps=1, num_mini_batches=1, num_ppo_epochs=1, rollout_chunk=2,
+                         sampling=sampling, missing_eos_penalty=None)
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    calls = []
+
+    def logps(batch):
+        calls.append(batch.num_sequences)
+        return token_stats(model, batch, packed=True, temperature=0.7)
+
+    def values(batch):
+        stats = token_stats(model, batch, packed=True)
+        return TokenStats(stats.seq_ids_M, stats.offsets_M, stats.num_sequences, values_M=stats.logps_M * 0)
+
+    def scores(batch, _prompts, _texts):
+        return torch.tensor([1.0, -1.0]), {}  # the advantages' spread (whitened) comes from the scores
+
+    collate = make_collate(pad_id=0, packed=True, max_tokens=None)
+    rollout, examples, texts = sample_rollouts(HFGenerateRollouts(model, pad_id=0, batch_size=2), prompts, [0, 1],
+                                               sampling=sampling, seed=0, step=0, decode=str)
+    batches = {}
+    for name, policy in (("sampler", None), ("recompute", logps)):
+        passes = ScoringPasses(policy=policy, reference=logps, values=values, scores=scores)
+        batches[name] = score_rollouts(passes, rollout, examples, texts, [[], []], settings=settings,
+                                       collate=collate, device=torch.device("cpu"))
+    assert calls == [2, 2, 2]  # reference twice, the policy only when recomputing
+    sampler, recomputed = batches["sampler"], batches["recompute"]
+    assert torch.equal(sampler.old_logps_BT, sampler.sampler_logps_BT)
+    torch.testing.assert_close(sampler.old_logps_BT, recomputed.old_logps_BT, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sampler.advantages_BT, recomputed.advantages_BT, atol=1e-4, rtol=1e-4)

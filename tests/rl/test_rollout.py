@@ -67,3 +67,70 @@ def test_generation_leaves_the_global_rng_alone(model):
     torch.manual_seed(0)
     HFGenerateRollouts(model, pad_id=0, batch_size=2).generate(PROMPTS, SamplingParams(4, 1.0), seeds=[1, 2, 3])
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def assert_sampler_logps_match_a_forward(model, rollout, temperature):
+    for prompt, response, logps in zip(PROMPTS, rollout.response_ids, rollout.sampler_logps, strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1] / temperature
+        expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(response)[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(logps), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_models_generation_config_does_not_change_the_sampling_distribution():
+    model, _ = build_tiny_llama(seed=0)
+    model.eval().generation_config.repetition_penalty = 5.0  # would reshape every step's distribution
+    model.generation_config.no_repeat_ngram_size = 1
+    rollout = HFGenerateRollouts(model, pad_id=0, batch_size=3).generate(
+        PROMPTS, SamplingParams(max_new_tokens=12, temperature=1.0), seeds=[1, 2, 3])
+    assert_sampler_logps_match_a_forward(model, rollout, 1.0)
+    assert any(len(set(r)) < len(r) for r in rollout.response_ids)  # tokens repeat: no n-gram ban applied
+    assert model.generation_config.repetition_penalty == 5.0  # set back
+
+
+def lora_policy(seed=0):
+    from hpalign.models import apply_lora
+
+    model, _ = build_tiny_llama(seed=seed)
+    peft_model = apply_lora(model, targets=["ALL"], rank=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3, generator=torch.Generator().manual_seed(hash(name) % 1000))
+    return peft_model.eval()
+
+
+def test_lora_merged_computes_the_adapter_and_restores_the_base_weights_bit_for_bit():
+    from hpalign.models.lora import lora_merged, merged_lora_bytes
+
+    policy = lora_policy()
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    grads = {n: p.requires_grad for n, p in policy.named_parameters()}
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        adapter_logits = policy(ids).logits
+        with lora_merged(policy) as merged:
+            merged_logits = policy(ids).logits
+            changed = [n for n, p in policy.named_parameters() if not torch.equal(p, before[n])]
+    from peft.tuners.lora import Linear as LoraLinear
+
+    assert merged == sum(isinstance(m, LoraLinear) for m in policy.modules()) > 0 and merged_lora_bytes(policy) > 0
+    assert changed and all("base_layer" in n for n in changed)  # inside: base weights hold W + BA
+    torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
+    assert {n: p.requires_grad for n, p in policy.named_parameters()} == grads
+    with torch.no_grad():
+        torch.testing.assert_close(policy(ids).logits, adapter_logits, atol=0, rtol=0)  # adapter branch back on
+
+
+def test_lora_rollouts_sample_through_merged_weights_the_same_distribution(caplog):
+    from hpalign.rl.rollout import merge_lora_decision
+
+    policy = lora_policy()
+    assert merge_lora_decision(policy, torch.device("cpu"))[0]
+    assert not merge_lora_decision(build_tiny_llama(seed=0)[0], torch.device("cpu"))[0]  # no adapter
+    with caplog.at_level("INFO", logger="hpalign"):
+        rollout = HFGenerateRollouts(policy, pad_id=0, batch_size=2).generate(
+            PROMPTS, SamplingParams(max_new_tokens=6, temperature=0.7), seeds=[1, 2, 3])
+    assert "rollouts: LoRA merged" in caplog.text
+    assert_sampler_logps_match_a_forward(policy, rollout, 0.7)  # the adapter path's distribution

@@ -11,6 +11,7 @@ from hpalign.rl.session import (
     decide_ppo_gradient_checkpointing,
     decide_reward_funcs,
     ppo_settings,
+    recompute_old_logprobs,
     steps_between_samples,
 )
 
@@ -64,6 +65,8 @@ def test_sample_cadence():
 def test_config_errors_for_ppo_choices():
     with pytest.raises(ValueError, match="--stop_token 'never'"):
         _cfg("--stop_token", "never")
+    with pytest.raises(ValueError, match="--old_logprobs 'cached'"):
+        _cfg("--old_logprobs", "cached")
     with pytest.raises(ValueError, match="--reward_weights has 1 values for 2"):
         _cfg("--reward_funcs", "emoji", "length", "--reward_weights", "1")
 
@@ -91,3 +94,13 @@ def test_learning_rate_default_for_ppo_with_lora():
     assert _cfg().train.learning_rate == 3e-4
     assert _cfg("--sft_type", "full").train.learning_rate == 1e-5
     assert _cfg("--learning_rate", "1e-5").train.learning_rate == 1e-5
+
+
+def test_old_logprobs_come_from_the_sampler_in_float32_unless_asked():
+    import torch
+
+    assert _cfg().ppo.old_logprobs == "auto"
+    assert not recompute_old_logprobs("auto", torch.float32)
+    assert recompute_old_logprobs("auto", torch.bfloat16) and recompute_old_logprobs("auto", torch.float16)
+    assert recompute_old_logprobs("recompute", torch.float32)
+    assert not recompute_old_logprobs("sampler", torch.bfloat16)
