@@ -68,8 +68,10 @@ NOTES = (
     "value model is an adapter on the reward model's backbone, which with the adapter off is the reward model "
     "(one copy for both). Full fine-tuning: both train a full copy",
     "reference: the adapter-off policy with LoRA (both), a frozen copy with full fine-tuning (both)",
-    "old log-probs: TRL takes them from generate's logits (no forward); hpalign recomputes them in a packed "
-    "no-grad forward (scoring phase)",
+    "old log-probs: both take them from the sampler's logits (no forward; hpalign's --old_logprobs auto in "
+    "float32, recomputed in 16-bit)",
+    "LoRA while sampling: hpalign merges the LoRA deltas into weight copies while sampling (one matmul per layer), TRL "
+    "samples through the adapter",
     "layout: TRL pads (left-padded prompts, responses padded to the longest); hpalign packs its scoring and "
     "update passes (no pad tokens computed)",
     "sampling: same prompts, temperature, top_k 0, top_p 1 and stop token, but each tool's own RNG: response "

@@ -23,7 +23,7 @@ from hpalign.rl import rewards as rule_rewards
 from hpalign.rl.loop import ppo_step
 from hpalign.rl.rollout import gathered_for_generation
 from hpalign.rl.session import PPOSession, build_ppo_session, steps_between_samples
-from hpalign.train.evaluate import generate_greedy, shard_for_rank
+from hpalign.train.evaluate import greedy_batches
 from hpalign.train.metrics import MetricWindow
 from hpalign.train.schedule import micro_batches_for_step
 
@@ -46,25 +46,20 @@ def greedy_scored(session: PPOSession, prompts: list) -> tuple[list[int], list[s
     weights (0 for the repeats that even out the ranks)."""
     rows, texts, scores, weights = [], [], [], []
     stop_ids = list(session.settings.sampling.stop_ids) or list(session.template.stop_token_ids)
+    pad_id = session.tokenizer.pad_token_id
     with gathered_for_generation(session.policy_engine) as model:
-        was_training = model.training
-        model.eval()
-        for indices, batch_weights in shard_for_rank(len(prompts), batch_size=16):
-            chunk = [prompts[i] for i in indices]
-            encoded = [session.template.encode_prompt(p) for p in chunk]
-            outputs = generate_greedy(model, encoded, pad_id=session.tokenizer.pad_token_id, stop_ids=stop_ids,
-                                      max_new_tokens=session.cfg.ppo.response_length, synced=False)
-            outputs = [ids or [session.tokenizer.pad_token_id] for ids in outputs]
-            decoded = [session.tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
-            examples = [TokenizedExample(prompt_ids=p, responses=[r], source="eval")
-                        for p, r in zip(encoded, outputs, strict=True)]
-            batch = session.collate(examples).to(distributed.layout().device)
-            batch_scores, _ = session.scoring.scores(batch, chunk, decoded)
-            rows += indices
-            texts += decoded
+        for batch in greedy_batches(model, session.tokenizer, prompts, session.template.encode_prompt, pad_id=pad_id,
+                                    stop_ids=stop_ids, max_new_tokens=session.cfg.ppo.response_length,
+                                    batch_size=16, synced=False):
+            examples = [TokenizedExample(prompt_ids=p, responses=[r or [pad_id]], source="eval")  # none empty
+                        for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
+            chunk = [prompts[i] for i in batch.indices]
+            batch_scores, _ = session.scoring.scores(session.collate(examples).to(distributed.layout().device),
+                                                     chunk, batch.texts)
+            rows += batch.indices
+            texts += batch.texts
             scores += batch_scores.float().cpu().tolist()
-            weights += batch_weights
-        model.train(was_training)
+            weights += batch.weights
     return rows, texts, scores, weights
 
 

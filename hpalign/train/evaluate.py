@@ -4,7 +4,8 @@ on greedy generations. Work is sharded over ranks; every rank runs the same numb
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -116,23 +117,45 @@ def generate_greedy(model, prompt_ids: Sequence[list[int]], *, pad_id: int, stop
     return continuations
 
 
+@dataclass
+class GreedyBatch:
+    """One batch of this rank's share of the held-out prompts, answered greedily."""
+
+    indices: list[int]  # into the prompts
+    weights: list[float]  # 0 for the repeats that even out the ranks
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    texts: list[str]
+
+
+def greedy_batches(model, tokenizer, prompts: list, encode_prompt: Callable, *, pad_id: int, stop_ids: list[int],
+                   max_new_tokens: int, batch_size: int, synced: bool) -> Iterator[GreedyBatch]:
+    """This rank's share of `prompts`, batch by batch, with greedy responses (the model in eval
+    mode meanwhile); every rank yields the same number of batches."""
+    was_training = model.training
+    model.eval()
+    try:
+        for indices, weights in shard_for_rank(len(prompts), batch_size=batch_size):
+            encoded = [encode_prompt(prompts[i]) for i in indices]
+            outputs = generate_greedy(model, encoded, pad_id=pad_id, stop_ids=stop_ids,
+                                      max_new_tokens=max_new_tokens, synced=synced)
+            texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
+            yield GreedyBatch(indices, weights, encoded, outputs, texts)
+    finally:
+        model.train(was_training)
+
+
 def generation_eval(model, tokenizer, prompts: list, encode_prompt: Callable, task_metric: Callable, *,
                     pad_id: int, stop_ids: list[int], max_new_tokens: int, batch_size: int,
                     synced: bool) -> tuple[dict[str, float], list[dict[str, str]]]:
     """The program-checked task metric on greedy generations, and a few samples to show."""
-    was_training = model.training
-    model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
     samples: list[dict[str, str]] = []
-    for indices, weights in shard_for_rank(len(prompts), batch_size=batch_size):
-        encoded = [encode_prompt(prompts[i]) for i in indices]
-        outputs = generate_greedy(model, encoded, pad_id=pad_id, stop_ids=stop_ids,
-                                  max_new_tokens=max_new_tokens, synced=synced)
-        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
-        for i, text, weight in zip(indices, texts, weights, strict=True):
+    for batch in greedy_batches(model, tokenizer, prompts, encode_prompt, pad_id=pad_id, stop_ids=stop_ids,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size, synced=synced):
+        for i, text, weight in zip(batch.indices, batch.texts, batch.weights, strict=True):
             totals += torch.tensor([weight, weight * task_metric([prompts[i]], [text])], dtype=torch.float64)
             if weight and len(samples) < 4:
                 samples.append({"prompt": prompts[i][-1]["content"], "generation": text})
-    model.train(was_training)
     weight, score = distributed.sum_over_ranks(totals)
     return {"eval/task_metric": score / max(weight, 1.0)}, samples
