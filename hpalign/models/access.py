@@ -21,6 +21,11 @@ def is_peft_model(model: nn.Module) -> bool:
     return isinstance(unwrap_model(model), PeftModel)
 
 
+def zero3_partitioned(module: nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 has partitioned the module's parameters (each carries a ds_id)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
 def base_causal_lm(model: nn.Module) -> nn.Module:
     """The HF causal LM under any wrappers. For a peft model its LoRA layers stay injected in it."""
     inner = unwrap_model(model)

@@ -18,7 +18,10 @@ from typing import Protocol
 
 import torch
 
+from hpalign.models.access import zero3_partitioned
+
 logger = logging.getLogger("hpalign")
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -83,7 +86,7 @@ def gathered_for_generation(engine) -> Iterator[torch.nn.Module]:
     token would gather its weights again: once per token, not once per batch). Without ZeRO-3
     partitions it is the module as it is. Every rank must enter it (the gather is a collective)."""
     module = getattr(engine, "module", engine)
-    if not any(hasattr(p, "ds_id") for p in module.parameters()):
+    if not zero3_partitioned(module):
         yield module
         return
     import deepspeed
@@ -135,7 +138,7 @@ def merge_lora_decision(model: torch.nn.Module, device: torch.device) -> tuple[b
     free memory for the copies."""
     from hpalign.models.lora import merged_lora_bytes
 
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
+    if zero3_partitioned(model):
         return False, "ZeRO-3 partitions the weights"
     needed = merged_lora_bytes(model)
     if needed == 0:

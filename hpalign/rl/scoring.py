@@ -2,9 +2,10 @@
 
 No-grad, packed forwards over the rollout batch in chunks of --local_rollout_forward_batch_size
 sequences: the policy's log-probs (old log-probs, of the tempered distribution the sampler drew
-from; skipped when the sampler's own are used, --old_logprobs), the reference's, the value model's estimates and the score (reward model and/or rule
-rewards; minus --missing_eos_penalty for a response cut by --response_length). Then the per-token
-rewards (score on the last token, KL penalty on every token), GAE and whitened advantages, as
+from; skipped when the sampler's own are used, --old_logprobs), the reference's, the value
+model's estimates and the score (reward model and/or rule rewards; minus --missing_eos_penalty
+for a response cut by --response_length). Then the per-token rewards (score on the last token,
+KL penalty on every token), GAE and whitened advantages, as
 TRL's PPOv2 computes them (maths in `hpalign.losses.ppo`), whitening over every rank's rollouts.
 """
 

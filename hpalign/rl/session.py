@@ -186,7 +186,8 @@ def make_scoring(models: PPOModelSet, policy_engine, value_engine, reference, ru
     def train_policy(batch):
         return token_stats(policy, batch, packed=packed, logprob_impl=impl, temperature=temperature, with_entropy=True)
 
-    return (ScoringPasses(policy=policy_logps if recompute_old else None, reference=reference_logps, values=values, scores=scores),
+    return (ScoringPasses(policy=policy_logps if recompute_old else None, reference=reference_logps, values=values,
+                          scores=scores),
             TrainPasses(policy=train_policy, values=values))
 
 

@@ -14,6 +14,7 @@ import torch
 
 from hpalign.data.collate import SequenceBatch
 from hpalign.models import decoder_and_head, decoder_of
+from hpalign.models.access import zero3_partitioned
 from hpalign.ops.attention import packed_forward_kwargs
 from hpalign.ops.linear_logprobs import hidden_logprobs
 from hpalign.ops.segments import segment_count, segment_offsets, segment_sum
@@ -26,10 +27,6 @@ def backbone_kwargs(batch: SequenceBatch, *, packed: bool) -> dict:
     return {"attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
 
 
-def _zero3_partitioned(module: torch.nn.Module) -> bool:
-    return any(hasattr(p, "ds_id") for p in module.parameters())
-
-
 def response_logprobs(hidden_NH: torch.Tensor, head: torch.nn.Module, labels_N: torch.Tensor, *,
                       impl: str = "auto") -> torch.Tensor:
     """log p(label) [N] (0 where label == -100), computing logits only for labelled tokens, with the
@@ -39,7 +36,7 @@ def response_logprobs(hidden_NH: torch.Tensor, head: torch.nn.Module, labels_N: 
     forward, so the weight is gathered once per forward (and once for the backward), never per
     chunk. Any other head (LoRA on the LM head) goes chunk by chunk through the module."""
     return hidden_logprobs(hidden_NH, head, labels_N, impl=impl, chunk_rows=None, keep_logits=None,
-                           through_module=_zero3_partitioned(head))
+                           through_module=zero3_partitioned(head))
 
 
 def sequence_stats(model: torch.nn.Module, batch: SequenceBatch, *, packed: bool,
