@@ -6,7 +6,9 @@ every loss returns `(losses_B, metrics)` UNREDUCED. `losses_B` has one entry per
 to detached per-example tensors [B]. The loop sums losses and metrics over all micro-batches and
 ranks of one optimizer step and divides once by the global count (pairs, examples or tokens),
 so micro-batch x accumulation x ranks equals one big batch. Averaging inside a micro-batch would
-not: micro-batches of unequal size or token count would get equal weight.
+not: micro-batches of unequal size or token count would get equal weight. GRPO's token losses
+(`clipped_token_losses`) are sums of WEIGHTED tokens whose weights (`token_loss_weights`) already
+divide by the global counts: the loop only sums them.
 
 Inputs are per-sequence log-prob SUMS over response tokens (`*_logps_B`) unless a name says
 MEAN (`*_mean_logps_B`: sum / response tokens; ORPO and SimPO).
@@ -14,6 +16,13 @@ MEAN (`*_mean_logps_B`: sum / response tokens; ORPO and SimPO).
 
 from hpalign.losses.cpo import cpo_losses
 from hpalign.losses.dpo import DPO_LOSS_TYPES, dpo_losses
+from hpalign.losses.grpo import (
+    clipped_token_losses,
+    group_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    token_loss_weights,
+)
 from hpalign.losses.kto import (
     kto_kl_estimate,
     kto_losses,
@@ -38,9 +47,11 @@ from hpalign.losses.simpo import simpo_losses
 __all__ = [
     "DPO_LOSS_TYPES",
     "check_per_example",
+    "clipped_token_losses",
     "cpo_losses",
     "dpo_losses",
     "gae_advantages",
+    "group_advantages",
     "kl_penalised_rewards",
     "kto_kl_estimate",
     "kto_losses",
@@ -54,11 +65,14 @@ __all__ = [
     "kl_estimate",
     "ppo_policy_losses",
     "ppo_value_losses",
+    "reinforce_pp_advantages",
     "reward_losses",
+    "rloo_advantages",
     "rpo_nll_sum",
     "sft_losses",
     "simpo_losses",
     "smoothed_sigmoid_losses",
     "suggest_kto_weights",
+    "token_loss_weights",
     "whiten",
 ]

@@ -133,19 +133,20 @@ def _adapter_off(peft_model: PeftModel) -> Iterator[None]:
         yield
 
 
-def _mergeable_lora_layers(model: nn.Module) -> list[nn.Module]:
-    """The plain LoRA linear layers with active adapters (no DoRA-like variant, no LoRA bias):
-    those whose adapter is exactly `W + delta` on the base weight."""
+def mergeable_lora_layer(module: nn.Module) -> bool:
+    """True for a plain LoRA linear layer with active adapters (no DoRA-like variant, no LoRA
+    bias): one whose adapter is exactly `W + delta` on the base weight."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    layers = []
-    for module in model.modules():
-        if not isinstance(module, LoraLinear) or module.disable_adapters or module.merged:
-            continue
-        adapters = [a for a in module.active_adapters if a in module.lora_A]
-        if adapters and not any(a in module.lora_variant or module.lora_B[a].bias is not None for a in adapters):
-            layers.append(module)
-    return layers
+    if not isinstance(module, LoraLinear) or module.disable_adapters or module.merged:
+        return False
+    adapters = [a for a in module.active_adapters if a in module.lora_A]
+    return bool(adapters) and not any(a in module.lora_variant or module.lora_B[a].bias is not None
+                                      for a in adapters)
+
+
+def _mergeable_lora_layers(model: nn.Module) -> list[nn.Module]:
+    return [module for module in model.modules() if mergeable_lora_layer(module)]
 
 
 def merged_lora_bytes(model: nn.Module) -> int:

