@@ -126,9 +126,9 @@ ALGORITHMS: dict[str, Algorithm] = {
 
 
 def get_algorithm(name: str) -> Algorithm:
-    if name == "ppo":
-        raise ValueError("--rlhf_type ppo is not an offline algorithm of this table: it runs in the rollout "
-                         "loop (hpalign.rl.runner.run_ppo), which `hpalign rlhf --rlhf_type ppo` starts")
+    if name in hp.ROLLOUT_TYPES:
+        raise ValueError(f"--rlhf_type {name} is not an offline algorithm of this table: it runs in the rollout "
+                         f"loop (hpalign.rl.runner.run_rollouts), which `hpalign rlhf --rlhf_type {name}` starts")
     if name not in ALGORITHMS:
         raise ValueError(f"--rlhf_type {name!r} is unknown; available: {', '.join(ALGORITHMS)}")
     return ALGORITHMS[name]

@@ -15,12 +15,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from hpalign.hyperparams import HYPERPARAMS, all_param_names, default_params, param_names
+from hpalign.hyperparams import (
+    CRITIC_FREE_TYPES,
+    HYPERPARAMS,
+    ROLLOUT_TYPES,
+    all_param_names,
+    default_params,
+    param_names,
+)
 
 
 @dataclass
@@ -90,12 +98,18 @@ class AlgorithmConfig:
     specific ones default to None: `resolve_defaults` fills what the chosen algorithm reads from its
     dataclass in `hpalign.hyperparams` (the one source of defaults), and leaves the others unset."""
 
-    rlhf_type: str = field(default="dpo", metadata={"help": "dpo, kto, cpo, orpo, simpo, rm, ppo or sft."})
+    rlhf_type: str = field(default="dpo", metadata={"help": "dpo, kto, cpo, orpo, simpo, rm, ppo, grpo, rloo, "
+                                                   "reinforce_pp or sft."})
     beta: float | None = field(
-        default=None, metadata={"help": "KL strength (default: DPO, KTO, CPO 0.1; SimPO 2.0); ORPO's lambda (0.1)."})
+        default=None, metadata={"help": "KL strength (default: DPO, KTO, CPO 0.1; SimPO 2.0); ORPO's lambda (0.1); "
+                                "GRPO: weight of the k3 KL to the reference in the loss (0.04; 0 skips the "
+                                "reference); RLOO (0.05) / REINFORCE++ (0.01): weight of the KL in the reward."})
     rpo_alpha: float | None = field(
         default=None, metadata={"help": "DPO: weight of the NLL loss on the chosen answer (default 1.0)."})
-    loss_type: str | None = field(default=None, metadata={"help": "DPO loss: sigmoid (default), ipo or hinge."})
+    loss_type: str | None = field(default=None, metadata={"help": "DPO loss: sigmoid (default), ipo or hinge. "
+                                  "GRPO family, how token losses are aggregated: grpo (default; mean per "
+                                  "response, then over responses), dapo (mean over all tokens), dr_grpo (sum / "
+                                  "(responses x --response_length))."})
     label_smoothing: float | None = field(
         default=None, metadata={"help": "DPO, CPO, SimPO: conservative label smoothing (default 0)."})
     cpo_alpha: float | None = field(default=None, metadata={"help": "CPO / SimPO: NLL weight (default 1.0)."})
@@ -105,6 +119,23 @@ class AlgorithmConfig:
     center_rewards_coefficient: float | None = field(
         default=None, metadata={"help": "RM: weight of the reward-centring term (r_c + r_r)^2 (arXiv 2312.09244; "
                                 "default 0)."})
+    num_generations: int | None = field(
+        default=None, metadata={"help": "GRPO family: responses sampled per prompt, one group (default: GRPO 8, "
+                                "RLOO and REINFORCE++ 4). --batch_size counts responses, as in TRL."})
+    epsilon: float | None = field(
+        default=None, metadata={"help": "GRPO family: lower clip range of the policy ratio (default 0.2)."})
+    epsilon_high: float | None = field(
+        default=None, metadata={"help": "GRPO family: upper clip range (default: --epsilon; DAPO's clip-higher "
+                                "uses 0.28)."})
+    scale_rewards: str | None = field(
+        default=None, metadata={"help": "GRPO: divide the group-centred rewards by the std of the group (group, "
+                                "default), of the whole batch (batch), or not at all (none: Dr. GRPO)."})
+    mask_truncated_completions: bool | None = field(
+        default=None, metadata={"help": "GRPO family: responses cut by --response_length (no end-of-turn token) "
+                                "add nothing to the loss (default false; DAPO's overlong filtering)."})
+    num_iterations: int | None = field(
+        default=None, metadata={"help": "GRPO family: optimisation epochs over each rollout batch (TRL's mu; "
+                                "default 1)."})
     precompute_ref_log_probs: bool = field(
         default=False, metadata={"help": "Run the reference once over the data and cache its log-probs."})
     logprob_impl: str = field(
@@ -205,6 +236,26 @@ class PPOConfig:
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "PPO: one weight per --reward_funcs entry (default 1 each); a reward "
                                 "model's score always has weight 1."})
+    rollout_engine: str = field(
+        default="auto", metadata={"help": "PPO / GRPO family: what samples the rollouts: vllm (an in-process vLLM "
+                                  "engine per rank, weights pushed after every update; hpalign/rl/vllm_engine.py), "
+                                  "hf (HF generate on the policy), or auto (vllm when a supported vLLM is "
+                                  "installed, else hf)."})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "vLLM rollouts on a GPU: share of its memory vLLM may take (weights and KV "
+                               "cache), beside training."})
+    vllm_tensor_parallel_size: int = field(
+        default=1, metadata={"help": "vLLM rollouts: ranks one vLLM engine is sharded over (1: an engine per "
+                             "rank)."})
+    vllm_max_model_len: int | None = field(
+        default=None, metadata={"help": "vLLM rollouts: longest prompt + response the engine serves (default: the "
+                                "longest training prompt + --response_length)."})
+    vllm_enable_sleep_mode: bool = field(
+        default=True, metadata={"help": "vLLM rollouts on a GPU: the engine drops its weights and KV cache while "
+                                "the trainer computes and takes them back for rollouts (no effect on a CPU)."})
+    vllm_sync_bucket_mb: int = field(
+        default=512, metadata={"help": "vLLM rollouts: MiB of weights per bucket of the weight sync (under ZeRO-3 "
+                               "one bucket is gathered at a time)."})
 
 
 @dataclass
@@ -269,11 +320,11 @@ def resolve_defaults(cfg: Config) -> Config:
         for name in param_names(out.algorithm.rlhf_type):
             if getattr(out.algorithm, name) is None:
                 setattr(out.algorithm, name, getattr(defaults, name))
-    if out.algorithm.rlhf_type == "ppo" and "batch_size" not in cfg.user_set:
+    if out.algorithm.rlhf_type in ROLLOUT_TYPES and "batch_size" not in cfg.user_set:
         out.train.batch_size = PPO_DEFAULT_BATCH_SIZE
     if out.train.learning_rate is None:
         out.train.learning_rate = DEFAULT_LEARNING_RATE.get(out.tuning.sft_type)
-        if out.algorithm.rlhf_type == "ppo" and out.tuning.sft_type == "lora":
+        if out.algorithm.rlhf_type in ROLLOUT_TYPES and out.tuning.sft_type == "lora":
             out.train.learning_rate = PPO_LORA_LEARNING_RATE
     if out.train.gradient_checkpointing is None and (_has_cuda() or out.tuning.sft_type == "full"):
         # Else (LoRA on a CPU) it stays unset: the session decides from the data's lengths, see
@@ -336,7 +387,14 @@ def _algorithm_errors(a: AlgorithmConfig) -> list[str]:
     errors: list[str] = []
     _choice(errors, "rlhf_type", a.rlhf_type, RLHF_TYPES)
     if a.loss_type is not None:
-        _choice(errors, "loss_type", a.loss_type, ("sigmoid", "ipo", "hinge"))
+        _choice(errors, "loss_type", a.loss_type,
+                ("grpo", "dapo", "dr_grpo") if a.rlhf_type in CRITIC_FREE_TYPES else ("sigmoid", "ipo", "hinge"))
+    if a.scale_rewards is not None:
+        _choice(errors, "scale_rewards", a.scale_rewards, ("group", "batch", "none"))
+    _at_least(errors, "num_generations", a.num_generations, 2 if a.rlhf_type == "rloo" else 1)
+    _at_least(errors, "num_iterations", a.num_iterations, 1)
+    _at_least(errors, "epsilon", a.epsilon, 0.0)
+    _at_least(errors, "epsilon_high", a.epsilon_high, 0.0)
     _choice(errors, "logprob_impl", a.logprob_impl, ("auto", "cuda", "torch"))
     _at_least(errors, "beta", a.beta, 0.0)
     _at_least(errors, "rpo_alpha", a.rpo_alpha, 0.0)
@@ -395,6 +453,11 @@ def _ppo_errors(p: PPOConfig) -> list[str]:
     _choice(errors, "stop_token", p.stop_token, ("eos", "none"))
     _choice(errors, "kl_estimator", p.kl_estimator, ("k1", "k3"))
     _choice(errors, "old_logprobs", p.old_logprobs, ("auto", "sampler", "recompute"))
+    _choice(errors, "rollout_engine", p.rollout_engine, ("auto", "vllm", "hf"))
+    _in_range(errors, "vllm_gpu_memory_utilization", p.vllm_gpu_memory_utilization, 0.01, 1.0)
+    _at_least(errors, "vllm_tensor_parallel_size", p.vllm_tensor_parallel_size, 1)
+    _at_least(errors, "vllm_max_model_len", p.vllm_max_model_len, 16)
+    _at_least(errors, "vllm_sync_bucket_mb", p.vllm_sync_bucket_mb, 1)
     if p.reward_weights is not None and len(p.reward_weights) != len(p.reward_funcs):
         errors.append(f"--reward_weights has {len(p.reward_weights)} values for {len(p.reward_funcs)} "
                       "--reward_funcs; give one weight per reward function.")
@@ -412,19 +475,45 @@ def _cross_errors(cfg: Config) -> list[str]:
         errors.append("--attn_impl eager cannot attend per sequence inside packed rows; use --attn_impl sdpa or "
                       "flash_attention_2 with packing, or --packing false for eager attention.")
     max_length, response_length = cfg.data.max_length, cfg.ppo.response_length
-    if cfg.algorithm.rlhf_type == "ppo" and response_length >= max_length - PPO_MIN_PROMPT_TOKENS:
+    if cfg.algorithm.rlhf_type in ROLLOUT_TYPES and response_length >= max_length - PPO_MIN_PROMPT_TOKENS:
         errors.append(f"--response_length {response_length} leaves {max_length - response_length} of --max_length "
                       f"{max_length} tokens for the prompt (PPO needs more than {PPO_MIN_PROMPT_TOKENS}); raise "
                       f"--max_length to at least {response_length + PPO_MIN_PROMPT_TOKENS + 1} or lower "
                       f"--response_length to at most {max_length - PPO_MIN_PROMPT_TOKENS - 1}.")
+    generations = cfg.algorithm.num_generations
+    if cfg.algorithm.rlhf_type in CRITIC_FREE_TYPES and generations:
+        responses = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * cfg.ppo.num_mini_batches
+        if responses % generations:
+            errors.append(f"--batch_size x --gradient_accumulation_steps x --num_mini_batches = {responses} responses "
+                          f"per process per step do not split into groups of --num_generations {generations} (a "
+                          "group never straddles processes); make it a multiple, e.g. --batch_size "
+                          f"{math.lcm(cfg.train.batch_size, generations)}.")
     return errors
+
+
+# The `ppo` section's flags of PPO's critic and GAE, which the critic-free algorithms do not read; their
+# counterparts: --beta (kl_coef), --epsilon (cliprange), --num_iterations (num_ppo_epochs).
+CRITIC_ONLY_FLAGS = frozenset({"kl_coef", "cliprange", "vf_coef", "cliprange_value", "gamma", "lam", "whiten_rewards",
+                               "num_ppo_epochs"})
+
+
+def rollout_flags_read(rlhf_type: str) -> set[str]:
+    """The `ppo` section's flags `rlhf_type` reads (none for the offline algorithms)."""
+    ppo_flags = {f.name for f in dataclasses.fields(PPOConfig)}
+    if rlhf_type == "ppo":
+        return ppo_flags
+    if rlhf_type == "grpo":  # its KL is k3, in the loss
+        return ppo_flags - CRITIC_ONLY_FLAGS - {"kl_estimator"}
+    if rlhf_type in CRITIC_FREE_TYPES:
+        return ppo_flags - CRITIC_ONLY_FLAGS
+    return set()
 
 
 def unused_flag_warnings(cfg: Config, *, needs_reference: bool) -> list[str]:
     """One line per flag the user set that the chosen algorithm does not read (`Config.user_set`)."""
     rlhf_type = cfg.algorithm.rlhf_type
     ppo_flags = {f.name for f in dataclasses.fields(PPOConfig)}
-    reads = set(param_names(rlhf_type)) | (ppo_flags if rlhf_type == "ppo" else set())
+    reads = set(param_names(rlhf_type)) | rollout_flags_read(rlhf_type)
     if needs_reference:
         reads.add("precompute_ref_log_probs")
     specific = all_param_names() | ppo_flags | {"precompute_ref_log_probs"}

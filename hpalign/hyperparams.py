@@ -74,8 +74,45 @@ class PPOParams:
     """PPO: its hyper-parameters are the `ppo` section of the config (`config.PPOConfig`)."""
 
 
+@dataclass(frozen=True)
+class GRPOParams:
+    """GRPO (arXiv 2402.03300) with DAPO's clip-higher and token mean (arXiv 2503.14476) and Dr. GRPO's
+    unscaled advantages and constant normaliser (arXiv 2503.20783); TRL's GRPOTrainer names. `beta`
+    weighs the k3 KL to the reference in the loss (0: no reference forward at all)."""
+
+    beta: float = 0.04
+    num_generations: int = 8
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # None: epsilon
+    scale_rewards: str = "group"
+    loss_type: str = "grpo"
+    mask_truncated_completions: bool = False
+    num_iterations: int = 1
+
+
+@dataclass(frozen=True)
+class RLOOParams(GRPOParams):
+    """RLOO (arXiv 2402.14740): leave-one-out baseline; `beta` weighs the sequence KL in the reward."""
+
+    beta: float = 0.05
+    num_generations: int = 4
+
+
+@dataclass(frozen=True)
+class ReinforcePPParams(GRPOParams):
+    """REINFORCE++ (arXiv 2501.03262): per-token KL in the reward (`beta`), returns whitened over the
+    global batch, no groups needed (num_generations 1 is allowed)."""
+
+    beta: float = 0.01
+    num_generations: int = 4
+
+
 HYPERPARAMS: dict[str, type] = {"dpo": DPOParams, "kto": KTOParams, "cpo": CPOParams, "orpo": ORPOParams,
-                                "simpo": SimPOParams, "rm": RMParams, "ppo": PPOParams, "sft": SFTParams}
+                                "simpo": SimPOParams, "rm": RMParams, "ppo": PPOParams, "grpo": GRPOParams,
+                                "rloo": RLOOParams, "reinforce_pp": ReinforcePPParams, "sft": SFTParams}
+# The algorithms of the rollout loop (hpalign/rl/): they sample their own responses to prompts.
+ROLLOUT_TYPES: tuple[str, ...] = ("ppo", "grpo", "rloo", "reinforce_pp")
+CRITIC_FREE_TYPES: tuple[str, ...] = ("grpo", "rloo", "reinforce_pp")
 
 
 def param_names(rlhf_type: str) -> tuple[str, ...]:

@@ -14,6 +14,9 @@
 
 Base-weight copies held: LoRA 2 (policy = reference, reward = value), or 1 with rule rewards only
 plus the value model's own copy (2); full fine-tuning 4 (3 with rule rewards only).
+
+The GRPO family has no value model: LoRA 1 copy (2 with a reward model), full fine-tuning 2 (the
+reference; 1 with --beta 0, which needs none; one more with a reward model).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class PPOModelSet:
 
     policy: torch.nn.Module
     reference: torch.nn.Module | None  # None: the adapter-off policy
-    value: RewardModel
+    value: RewardModel | None  # PPO's critic; None for the GRPO family
     reward: RewardModel | None  # frozen; None: no reward model, or it is the adapter-off value model
     reward_head: torch.nn.Module | None  # the frozen head of a reward model shared with the value model
     reward_tokenizer_dir: Path | None  # where the reward model's tokenizer lives
@@ -129,36 +132,48 @@ def value_from_reward(reward: RewardModel, lora: LoraSettings | None) -> tuple[R
 
 def build_ppo_models(*, model: str | None, ref_model: str | None, reward_model: str | None, dtype: torch.dtype,
                      attn_impl: str, gradient_checkpointing: bool, lora: LoraSettings | None, seed: int,
-                     no_dropout: bool) -> PPOModelSet:
-    """The four models of a PPO run (module docstring), every one on the CPU, frozen ones in eval mode."""
+                     no_dropout: bool, with_value: bool = True, with_reference: bool = True) -> PPOModelSet:
+    """The models of a rollout run (module docstring), every one on the CPU, frozen ones in eval mode.
+    `with_value` False (the GRPO family): no value model, the reward model on its own;
+    `with_reference` False (no KL to the reference): no reference copy is made or loaded."""
     policy = load_policy(model, dtype=dtype, attn_impl=attn_impl, gradient_checkpointing=gradient_checkpointing)
     reference = None
-    if ref_model:
+    if with_reference and ref_model:
         reference = load_reference(ref_model, dtype=dtype, attn_impl=attn_impl)
-    elif lora is None:
+    elif with_reference and lora is None:
         reference = frozen_copy(policy)
     if lora is not None:
         policy = apply_lora(policy, targets=lora.targets, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
-    reward = reward_head = reward_dir = None
+    reward = reward_head = reward_dir = value = None
     if reward_model:
         loaded, reward_dir = load_frozen_reward_model(reward_model, dtype=dtype)
-        value, reward, reward_head = value_from_reward(loaded, lora)
-    else:
-        value_lm = load_policy(model, dtype=dtype, attn_impl=attn_impl, gradient_checkpointing=gradient_checkpointing)
-        if lora is not None:
-            value_lm = apply_lora(value_lm, targets=lora.targets, rank=lora.rank, alpha=lora.alpha,
-                                  dropout=lora.dropout)
-        value = RewardModel.with_new_head(value_lm, seed=seed)
-        # A zero head: V = 0 until the value loss has taught it something, so the first advantages
-        # are the (whitened) discounted rewards themselves, not noise of a random projection of
-        # the hidden states (measured on SmolLM2: a random head's values pushed the policy's KL to 2.6
-        # in 7 steps with no gain in reward).
-        torch.nn.init.zeros_(value.value_head.summary.weight)
-    freeze_unused_lm_head(value)
-    if gradient_checkpointing and not getattr(value.lm, "is_gradient_checkpointing", True):
-        value.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if with_value:
+            value, reward, reward_head = value_from_reward(loaded, lora)
+        else:
+            reward = loaded.eval().requires_grad_(False)
+    elif with_value:
+        value = fresh_value_model(model, dtype=dtype, attn_impl=attn_impl,
+                                  gradient_checkpointing=gradient_checkpointing, lora=lora, seed=seed)
+    if value is not None:
+        freeze_unused_lm_head(value)
+        if gradient_checkpointing and not getattr(value.lm, "is_gradient_checkpointing", True):
+            value.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if no_dropout:
         changed = sum(disable_dropout(m) for m in (policy, reference, value, reward) if m is not None)
-        logger.info("dropout off in %d places of the PPO models (--disable_dropout true)", changed)
+        logger.info("dropout off in %d places of the models (--disable_dropout true)", changed)
     return PPOModelSet(policy=policy, reference=reference, value=value, reward=reward, reward_head=reward_head,
                        reward_tokenizer_dir=reward_dir)
+
+
+def fresh_value_model(model: str | None, *, dtype: torch.dtype, attn_impl: str, gradient_checkpointing: bool,
+                      lora: LoraSettings | None, seed: int) -> RewardModel:
+    """With rule rewards only: the value model starts from the policy's weights with a ZERO head, so
+    V = 0 until the value loss has taught it something and the first advantages are the (whitened)
+    discounted rewards themselves, not noise of a random projection of the hidden states (measured
+    on SmolLM2: a random head's values pushed the policy's KL to 2.6 in 7 steps with no gain in reward)."""
+    value_lm = load_policy(model, dtype=dtype, attn_impl=attn_impl, gradient_checkpointing=gradient_checkpointing)
+    if lora is not None:
+        value_lm = apply_lora(value_lm, targets=lora.targets, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
+    value = RewardModel.with_new_head(value_lm, seed=seed)
+    torch.nn.init.zeros_(value.value_head.summary.weight)
+    return value

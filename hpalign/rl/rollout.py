@@ -1,8 +1,8 @@
 """Rollouts: prompts in, sampled responses and the sampler's log-probs out, behind one interface.
 
-`RolloutEngine.generate(prompt_ids, sampling, seeds) -> Rollout` is all the PPO loop knows of
-generation; the first backend is HF `generate` (`HFGenerateRollouts`), the colocated vLLM engine
-plugs in behind the same call. Sampling is seeded per chunk of prompts from the caller's seeds
+`RolloutEngine.generate(prompt_ids, sampling, seeds) -> Rollout` (and `sync_weights()` before it,
+after every policy update) is all the rollout loop knows of generation; the backends are HF
+`generate` (`HFGenerateRollouts`, here) and the colocated vLLM engine (`vllm_engine.VLLMRollouts`). Sampling is seeded per chunk of prompts from the caller's seeds
 (a pure function of the run seed, the step and the prompt's global index), so a resumed run samples
 what the uninterrupted one did, and with one prompt per chunk the samples do not depend on how
 prompts are spread over ranks.
@@ -42,8 +42,11 @@ class Rollout:
 
 
 class RolloutEngine(Protocol):
+    def sync_weights(self) -> dict[str, float]:
+        """Make the sampler draw from the policy's current weights (after every update); its metrics."""
+
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seeds: list[int]) -> Rollout:
-        """Sample one response per prompt; chunk i is seeded with the seed of its first prompt."""
+        """Sample one response per prompt, seeded from `seeds` (the backend says how)."""
 
 
 def cut_at_stop(row: list[int], stop_ids: tuple[int, ...]) -> tuple[int, bool]:
@@ -158,6 +161,9 @@ class HFGenerateRollouts:
     def __init__(self, engine, *, pad_id: int, batch_size: int) -> None:
         self.engine, self.pad_id, self.batch_size = engine, pad_id, batch_size
         self._merge_reason: str | None = None
+
+    def sync_weights(self) -> dict[str, float]:
+        return {}  # generate runs on the policy itself
 
     def _merged(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
         from hpalign.models.lora import lora_merged

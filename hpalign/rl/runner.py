@@ -1,4 +1,5 @@
-"""`run_ppo(cfg)`: set up -> resume -> evaluate -> PPO steps -> evaluate -> report, in reading order.
+"""`run_rollouts(cfg)`: set up -> resume -> evaluate -> rollout steps -> evaluate -> report, in reading
+order, for PPO and the GRPO family alike.
 
 The held-out evaluation generates greedily for --num_eval_generations held-out prompts and reports
 the mean score (reward model and/or rule rewards, as in training, without the missing-EOS
@@ -20,9 +21,9 @@ from hpalign.config import Config
 from hpalign.data import builtin
 from hpalign.data.types import TokenizedExample
 from hpalign.rl import rewards as rule_rewards
-from hpalign.rl.loop import ppo_step
+from hpalign.rl.loop import rollout_step
 from hpalign.rl.rollout import gathered_for_generation
-from hpalign.rl.session import PPOSession, build_ppo_session, steps_between_samples
+from hpalign.rl.session import RolloutSession, build_rollout_session, steps_between_samples
 from hpalign.train.evaluate import greedy_batches
 from hpalign.train.metrics import MetricWindow
 from hpalign.train.schedule import micro_batches_for_step
@@ -32,16 +33,16 @@ LATEST = ("lr", "episode", "eps", "gpu_peak_memory_mib")
 SAMPLE_PROMPTS = 4  # held-out prompts of each sample table (greedy, scored)
 
 
-def step_prompts(session: PPOSession, step: int) -> tuple[list[int], list[int]]:
+def step_prompts(session: RolloutSession, step: int) -> tuple[list[int], list[int]]:
     """(this rank's prompt indices of `step`, their positions in the step's global order)."""
     rank = distributed.layout().data_parallel_rank
     indices = micro_batches_for_step(session.plan, step, seed=session.cfg.train.seed, rank=rank)[0]
-    first = rank * session.settings.rollouts_per_rank
+    first = rank * session.settings.prompts_per_rank
     return indices, list(range(first, first + len(indices)))
 
 
 @torch.no_grad()
-def greedy_scored(session: PPOSession, prompts: list) -> tuple[list[int], list[str], list[float], list[float]]:
+def greedy_scored(session: RolloutSession, prompts: list) -> tuple[list[int], list[str], list[float], list[float]]:
     """This rank's share of `prompts` (indices), its greedy responses, their scores, and their
     weights (0 for the repeats that even out the ranks)."""
     rows, texts, scores, weights = [], [], [], []
@@ -63,12 +64,12 @@ def greedy_scored(session: PPOSession, prompts: list) -> tuple[list[int], list[s
     return rows, texts, scores, weights
 
 
-def evaluate(session: PPOSession) -> dict[str, float]:
+def evaluate(session: RolloutSession) -> dict[str, float]:
     prompts = session.data.val_prompts
     if not prompts:
         return {}
-    session.policy_engine.eval()
-    session.value_engine.eval()
+    for engine in session.objective.engines():
+        engine.eval()
     indices, texts, scores, weights = greedy_scored(session, prompts)
     sums = [sum(weights), sum(w * s for w, s in zip(weights, scores, strict=True))]
     if session.data.builtin:
@@ -79,8 +80,8 @@ def evaluate(session: PPOSession) -> dict[str, float]:
         metrics["eval/task_metric"] = totals[3] / max(totals[2], 1.0)
         metrics["eval/exact_answer_share"] = totals[4] / max(totals[2], 1.0)
         metrics["eval/emoji_share"] = totals[5] / max(totals[0], 1.0)
-    session.policy_engine.train()
-    session.value_engine.train()
+    for engine in session.objective.engines():
+        engine.train()
     return metrics
 
 
@@ -103,7 +104,7 @@ def builtin_task_sums(prompts: list, texts: list[str], weights: list[float]) -> 
     return totals
 
 
-def write_samples(session: PPOSession, step: int, metrics_logger: report.MetricsLogger) -> None:
+def write_samples(session: RolloutSession, step: int, metrics_logger: report.MetricsLogger) -> None:
     """PPOv2's sample table: greedy responses to the first held-out prompts with their scores, appended
     to samples.jsonl in the run directory (and a W&B table with --report_to wandb)."""
     prompts = session.data.val_prompts[:SAMPLE_PROMPTS]
@@ -121,46 +122,49 @@ def write_samples(session: PPOSession, step: int, metrics_logger: report.Metrics
                              [[r["step"], r["prompt"], r["response"], r["score"]] for r in rows], step=step)
 
 
-def save(session: PPOSession, step: int, episode: int) -> None:
+def save(session: RolloutSession, step: int, episode: int) -> None:
     cfg = session.cfg
     state = {"global_step": step, "num_steps": session.num_steps, "episode": episode, "seed": cfg.train.seed,
-             "rlhf_type": "ppo", "model": cfg.model.model, "sft_type": cfg.tuning.sft_type,
+             "rlhf_type": cfg.algorithm.rlhf_type, "model": cfg.model.model, "sft_type": cfg.tuning.sft_type,
              "template": session.template.name}
     path = checkpoint.save_checkpoint(session.policy_engine, run_dir=session.run_dir, step=step,
                                       tokenizer=session.tokenizer, trainer_state=state,
                                       save_total_limit=cfg.train.save_total_limit,
-                                      extra_engines={"value_model": session.value_engine})
-    logger.info("saved %s (policy; value model in value_model/)", path)
+                                      extra_engines=extra_engines(session))
+    logger.info("saved %s%s", path, " (policy; value model in value_model/)" if session.value_engine else "")
 
 
-def resume(session: PPOSession) -> tuple[int, int]:
+def extra_engines(session: RolloutSession) -> dict:
+    """The trainable engines checkpointed beside the policy: PPO's value model."""
+    return {"value_model": session.value_engine} if session.value_engine is not None else {}
+
+
+def resume(session: RolloutSession) -> tuple[int, int]:
     """(global step, episodes) to continue from (0, 0 without --resume_from_checkpoint)."""
     spec = session.cfg.train.resume_from_checkpoint
     if not spec:
         return 0, 0
     path = checkpoint.resolve_resume_path(spec, session.run_dir)
-    state = checkpoint.load_checkpoint(session.policy_engine, path, extra_engines={"value_model": session.value_engine})
+    state = checkpoint.load_checkpoint(session.policy_engine, path, extra_engines=extra_engines(session))
     logger.info("resumed from %s at step %d", path, state["global_step"])
     return int(state["global_step"]), int(state.get("episode", 0))
 
 
-def train(session: PPOSession, metrics_logger: report.MetricsLogger, *, start_step: int, episode: int) -> int:
+def train(session: RolloutSession, metrics_logger: report.MetricsLogger, *, start_step: int, episode: int) -> int:
     cfg = session.cfg
     sample_every = steps_between_samples(session.num_steps, cfg.ppo.num_sample_generations)
-    eos_ids = tuple(session.template.stop_token_ids)
     decode = lambda ids: session.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     window = MetricWindow()
-    bar = tqdm(total=session.num_steps, initial=start_step, desc="ppo", disable=not distributed.is_main(),
+    bar = tqdm(total=session.num_steps, initial=start_step, desc=cfg.algorithm.rlhf_type, disable=not distributed.is_main(),
                dynamic_ncols=True)
     started, episodes_at_start = time.time(), episode
     for step in range(start_step, session.num_steps):
         indices, positions = step_prompts(session, step)
-        output = ppo_step(policy_engine=session.policy_engine, value_engine=session.value_engine,
-                          rollout_engine=session.rollout_engine, scoring=session.scoring, training=session.training,
-                          prompt_ids=[session.data.train[i].prompt_ids for i in indices],
-                          prompts=[session.data.train_prompts[i] for i in indices], indices=positions,
-                          settings=session.settings, collate=session.collate, decode=decode, eos_ids=eos_ids,
-                          seed=cfg.train.seed, step=step)
+        output = rollout_step(objective=session.objective, rollout_engine=session.rollout_engine,
+                              scoring=session.scoring, prompt_ids=[session.data.train[i].prompt_ids for i in indices],
+                              prompts=[session.data.train_prompts[i] for i in indices], positions=positions,
+                              settings=session.settings, collate=session.collate, decode=decode, seed=cfg.train.seed,
+                              step=step)
         episode += output.num_episodes
         output.metrics.update({"episode": episode,
                                "eps": (episode - episodes_at_start) / max(time.time() - started, 1e-9)})
@@ -173,7 +177,7 @@ def train(session: PPOSession, metrics_logger: report.MetricsLogger, *, start_st
                 if name in output.metrics:
                     averaged[name] = output.metrics[name]
             metrics_logger.log(done, averaged)
-            bar.set_postfix(score=f"{averaged['objective/scores']:.3f}", kl=f"{averaged['objective/kl']:.3f}")
+            bar.set_postfix({name.split("/")[-1]: f"{averaged[name]:.3f}" for name in session.objective.progress})
         if sample_every and done % sample_every == 0:
             write_samples(session, done, metrics_logger)
         if cfg.train.eval_steps and done % cfg.train.eval_steps == 0 and done < session.num_steps:
@@ -184,10 +188,10 @@ def train(session: PPOSession, metrics_logger: report.MetricsLogger, *, start_st
     return session.num_steps
 
 
-def run_ppo(cfg: Config) -> int:
-    """PPO with a resolved, validated config; returns the process exit code."""
+def run_rollouts(cfg: Config) -> int:
+    """PPO or a GRPO-family algorithm with a resolved, validated config; returns the exit code."""
     started = time.time()
-    session = build_ppo_session(cfg)
+    session = build_rollout_session(cfg)
     start_step, episode = resume(session)
     metrics_logger = report.MetricsLogger(session.run_dir, report_to=cfg.train.report_to, config=cfg.to_dict(),
                                           enabled=distributed.is_main(), run_name=session.run_dir.name)
@@ -202,7 +206,7 @@ def run_ppo(cfg: Config) -> int:
     metrics_logger.close()
     if distributed.is_main():
         steps_run = max(1, steps - start_step)
-        summary = {"rlhf_type": "ppo", "global_step": steps, "eval_before": before, "eval_after": after,
+        summary = {"rlhf_type": cfg.algorithm.rlhf_type, "global_step": steps, "eval_before": before, "eval_after": after,
                    "train_seconds": train_seconds, "seconds_per_step": train_seconds / steps_run,
                    "wall_seconds": time.time() - started,
                    "data": {"num_train": len(session.data.train), "num_val": len(session.data.val),

@@ -1,12 +1,11 @@
-"""The scoring passes of a PPO step: from sampled responses to advantages and returns.
+"""The scoring phase of a rollout step: from sampled responses to a scored `RolloutBatch`.
 
 No-grad, packed forwards over the rollout batch in chunks of --local_rollout_forward_batch_size
-sequences: the policy's log-probs (old log-probs, of the tempered distribution the sampler drew
-from; skipped when the sampler's own are used, --old_logprobs), the reference's, the value
-model's estimates and the score (reward model and/or rule rewards; minus --missing_eos_penalty
-for a response cut by --response_length). Then the per-token rewards (score on the last token,
-KL penalty on every token), GAE and whitened advantages, as
-TRL's PPOv2 computes them (maths in `hpalign.losses.ppo`), whitening over every rank's rollouts.
+sequences, each pass only where the algorithm reads it: the policy's log-probs (old log-probs, of
+the tempered distribution the sampler drew from; skipped when the sampler's own are used,
+--old_logprobs, or when the update is on-policy), the reference's (skipped when no KL is taken),
+the value model's estimates (PPO's critic) and the score (reward model and/or rule rewards).
+Advantages are the algorithm's own (`rl/ppo.py`, `rl/critic_free.py`).
 """
 
 from __future__ import annotations
@@ -16,35 +15,39 @@ from dataclasses import dataclass
 
 import torch
 
-from hpalign import distributed, losses
+from hpalign import distributed
 from hpalign.data.collate import SequenceBatch
 from hpalign.data.types import Message, TokenizedExample
 from hpalign.stats import TokenStats
 
+TokenPass = Callable[[SequenceBatch], TokenStats]
+
 
 @dataclass
 class ScoringPasses:
-    """The no-grad forwards of the scoring phase, each over a packed batch of rollout sequences."""
+    """The no-grad forwards of the scoring phase, each over a packed batch of rollout sequences;
+    a pass the algorithm does not read is None."""
 
-    policy: Callable[[SequenceBatch], TokenStats] | None  # tempered log-probs; None: the sampler's are used
-    reference: Callable[[SequenceBatch], TokenStats]
-    values: Callable[[SequenceBatch], TokenStats]
+    policy: TokenPass | None  # tempered log-probs; None: the sampler's are used, or none are needed
+    reference: TokenPass | None  # None: no KL to the reference
+    values: TokenPass | None  # None: no critic
     # (batch, prompts, response texts) -> [S] scores: reward model plus rule rewards, and metrics
     scores: Callable[[SequenceBatch, list[list[Message]], list[str]], tuple[torch.Tensor, dict[str, float]]]
 
 
 @dataclass
 class RolloutBatch:
-    """This rank's rollouts of one PPO step, scored; [B, T] tensors over response tokens."""
+    """This rank's rollouts of one step, scored; [B, T] tensors over response tokens. A group's
+    `num_generations` responses to one prompt are consecutive rows."""
 
     examples: list[TokenizedExample]  # prompt_ids + [response_ids]
     prompts: list[list[Message]]
     texts: list[str]
     mask_BT: torch.Tensor  # bool
     sampler_logps_BT: torch.Tensor
-    old_logps_BT: torch.Tensor
-    ref_logps_BT: torch.Tensor
-    values_BT: torch.Tensor
+    old_logps_BT: torch.Tensor | None  # None: on-policy update, the ratio's denominator is pi itself
+    ref_logps_BT: torch.Tensor | None
+    values_BT: torch.Tensor | None
     scores_B: torch.Tensor
     stopped_B: torch.Tensor  # bool: ended with a stop token
     kl_BT: torch.Tensor | None = None
@@ -52,10 +55,20 @@ class RolloutBatch:
     advantages_BT: torch.Tensor | None = None
     returns_BT: torch.Tensor | None = None
     score_metrics: dict[str, float] | None = None
+    loss_mask_BT: torch.Tensor | None = None  # the tokens the loss reads; default: mask_BT
+
+    def __post_init__(self) -> None:
+        if self.loss_mask_BT is None:
+            self.loss_mask_BT = self.mask_BT
 
     @property
     def width(self) -> int:
         return self.mask_BT.shape[1]
+
+    @property
+    def policy_logps_BT(self) -> torch.Tensor:
+        """The policy's log-probs of the sampled tokens at sampling time: recomputed, else the sampler's."""
+        return self.sampler_logps_BT if self.old_logps_BT is None else self.old_logps_BT
 
 
 def response_mask(lengths: list[int], width: int) -> torch.Tensor:
@@ -69,26 +82,28 @@ def padded_rows(rows: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
+TOKEN_PASSES = (("old_logps", "policy", "logps_M"), ("ref_logps", "reference", "logps_M"),
+                ("values", "values", "values_M"))
+
+
 @torch.no_grad()
 def run_scoring_passes(passes: ScoringPasses, examples: list[TokenizedExample], prompts: list[list[Message]],
                        texts: list[str], *, collate: Callable[[list[TokenizedExample]], SequenceBatch],
                        chunk_size: int, width: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """{old_logps (unless `passes.policy` is None), ref_logps, values: [B, width], scores: [B]} on
+    """{old_logps, ref_logps, values: [B, width] (each only when its pass is set), scores: [B]} on
     `device`, chunk by chunk; the score metrics (rule rewards' means) under "metrics", weighted by
     chunk size."""
-    parts: dict[str, list[torch.Tensor]] = {"ref_logps": [], "values": [], "scores": []}
-    if passes.policy is not None:
-        parts["old_logps"] = []
+    active = [(name, getattr(passes, field), attr) for name, field, attr in TOKEN_PASSES
+              if getattr(passes, field) is not None]
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name, _, _ in active}
+    parts["scores"] = []
     metric_parts = []
     for start in range(0, len(examples), chunk_size):
         stop = start + chunk_size
         batch = collate(examples[start:stop]).to(device)
-        if passes.policy is not None:
-            policy = passes.policy(batch)
-            parts["old_logps"].append(policy.as_matrix(policy.logps_M, width))
-        reference, values = passes.reference(batch), passes.values(batch)
-        parts["ref_logps"].append(reference.as_matrix(reference.logps_M, width))
-        parts["values"].append(values.as_matrix(values.values_M, width))
+        for name, forward, attr in active:
+            stats = forward(batch)
+            parts[name].append(stats.as_matrix(getattr(stats, attr), width))
         scores, metrics = passes.scores(batch, prompts[start:stop], texts[start:stop])
         parts["scores"].append(scores.float().reshape(-1))
         metric_parts.append((len(examples[start:stop]), metrics))
@@ -105,16 +120,3 @@ def global_sum(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     return torch.tensor(distributed.sum_over_ranks(tensor.double()), dtype=tensor.dtype,
                         device=tensor.device).reshape(tensor.shape)
-
-
-def add_advantages(rollouts: RolloutBatch, *, kl_coef: float, kl_estimator: str, whiten_rewards: bool,
-                   gamma: float, lam: float) -> None:
-    """Per-token rewards, GAE advantages (whitened over all ranks' tokens) and returns, as PPOv2."""
-    mask = rollouts.mask_BT
-    kl_BT = losses.kl_estimate(rollouts.old_logps_BT, rollouts.ref_logps_BT, kl_estimator) * mask
-    rewards_BT = losses.kl_penalised_rewards(rollouts.scores_B, kl_BT, mask, kl_coef=kl_coef)
-    if whiten_rewards:
-        rewards_BT = losses.whiten(rewards_BT, mask, shift_mean=False, sum_over_ranks=global_sum)
-    advantages_BT, returns_BT = losses.gae_advantages(rewards_BT, rollouts.values_BT, mask, gamma=gamma, lam=lam)
-    rollouts.kl_BT, rollouts.rewards_BT, rollouts.returns_BT = kl_BT, rewards_BT, returns_BT
-    rollouts.advantages_BT = losses.whiten(advantages_BT, mask, sum_over_ranks=global_sum)

@@ -1,5 +1,6 @@
-"""Everything a PPO run is built from, once: run directory, prompts, the four models and their
-engines, the rollout engine, the scoring and training passes, the rewards."""
+"""Everything a rollout run (PPO, GRPO, RLOO, REINFORCE++) is built from, once: run directory,
+prompts, the models and their engines, the rollout engine, the scoring passes, the rewards and the
+algorithm's objective."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ import torch
 from hpalign import distributed
 from hpalign.config import Config, save_config, unused_flag_warnings
 from hpalign.data import templates
+from hpalign.hyperparams import CRITIC_FREE_TYPES
 from hpalign.models import ModelSource, RewardModel, load_tokenizer, resolve_dtype
 from hpalign.ops.attention import enable_varlen_attention, varlen_backend
 from hpalign.rl import rewards as rule_rewards
-from hpalign.rl.loop import PPOSettings, TrainPasses
+from hpalign.rl.critic_free import CriticFreeObjective, CriticFreeSettings
+from hpalign.rl.loop import RolloutObjective, RolloutSettings
 from hpalign.rl.models import LoraSettings, PPOModelSet, build_ppo_models
-from hpalign.rl.rollout import HFGenerateRollouts, SamplingParams
+from hpalign.rl.ppo import PPOObjective, PPOSettings
+from hpalign.rl.rollout import HFGenerateRollouts, RolloutEngine, SamplingParams
 from hpalign.rl.scoring import ScoringPasses
 from hpalign.train import engine as engine_lib
 from hpalign.train.datasets import PreparedData, prepare_data
@@ -36,31 +40,38 @@ from hpalign.train.session import (
 logger = logging.getLogger("hpalign")
 
 # The embedded model samples no emoji at all from the built-in prompts (0 of 48 at temperature 0.7),
-# so `emoji` gives PPO no signal there; exact answers and concise ones it can learn.
-BUILTIN_REWARD_FUNCS = ["accuracy", "length"]
+# so `emoji` gives PPO no signal there; exact answers and concise ones it can learn. The GRPO family
+# learns from the exact-answer reward alone: a group's answers differ in it, which is its signal.
+BUILTIN_REWARD_FUNCS = {"ppo": ["accuracy", "length"], "critic_free": ["accuracy"]}
 
 
 @dataclass
-class PPOSession:
+class RolloutSession:
+    """A plain record of what the run was built from."""
+
     cfg: Config
     run_dir: Path
     tokenizer: object
     template: templates.ChatTemplate
     data: PreparedData
     policy_engine: object
-    value_engine: object
-    rollout_engine: HFGenerateRollouts
+    value_engine: object | None  # PPO's critic; None for the GRPO family
+    rollout_engine: RolloutEngine
     scoring: ScoringPasses
-    training: TrainPasses
-    settings: PPOSettings
-    plan: BatchPlan  # prompts per step: rollouts per rank x ranks
+    objective: RolloutObjective
+    settings: RolloutSettings
+    plan: BatchPlan  # prompts per step: prompts per rank x ranks
     num_steps: int
     collate: object
 
 
 # The built-in PPO task: its arithmetic questions, where both default rewards apply; 14 steps of 8
 # prompts (112 of the 232) is the length that finishes under 15 minutes on 2 CPU cores with SmolLM2.
-BUILTIN_PPO_STEPS = 14
+BUILTIN_STEPS = {"ppo": 14, "critic_free": 14}
+
+
+def family(rlhf_type: str) -> str:
+    return "critic_free" if rlhf_type in CRITIC_FREE_TYPES else "ppo"
 
 
 def keep_arithmetic_prompts(data: PreparedData, *, num_eval: int) -> None:
@@ -76,7 +87,7 @@ def keep_arithmetic_prompts(data: PreparedData, *, num_eval: int) -> None:
     data.train_prompts = [data.train_prompts[i] for i in kept]
     held_out = [example.prompt for example in builtin.builtin_dataset("prompt", "test", seed=0)]
     data.val_prompts = [p for p in held_out if is_arithmetic(p)][:num_eval]
-    logger.info("PPO on the built-in data: its %d arithmetic questions (%d held-out for evaluation)",
+    logger.info("%d arithmetic questions of the built-in data (%d held-out for evaluation)",
                 len(data.train), len(data.val_prompts))
 
 
@@ -87,13 +98,13 @@ def decide_reward_funcs(cfg: Config, *, builtin: bool) -> list[str]:
     if cfg.ppo.reward_model_id_or_path:
         return []
     if builtin:
-        return list(BUILTIN_REWARD_FUNCS)
-    raise ValueError("--rlhf_type ppo needs a reward: --reward_model_id_or_path (an RM checkpoint or an HF "
-                     "sequence-classification model) and/or --reward_funcs "
+        return list(BUILTIN_REWARD_FUNCS[family(cfg.algorithm.rlhf_type)])
+    raise ValueError(f"--rlhf_type {cfg.algorithm.rlhf_type} needs a reward: --reward_model_id_or_path (an RM "
+                     "checkpoint or an HF sequence-classification model) and/or --reward_funcs "
                      f"({', '.join(rule_rewards.REWARD_FUNCS)})")
 
 
-# PPO's micro-batches are short rows of prompt + response (8 x ~100 tokens on the built-in data: under
+# Rollout micro-batches are short rows of prompt + response (8 x ~100 tokens on the built-in data: under
 # 1 GB of activations per model for SmolLM2), where recomputation would cost ~25 % of the update phase.
 PPO_CHECKPOINT_MIN_TOKENS = 4 * CHECKPOINT_MIN_TOKENS
 
@@ -106,22 +117,38 @@ def decide_ppo_gradient_checkpointing(cfg: Config, prompts: list) -> bool:
     mean_prompt = sum(len(p.prompt_ids) for p in prompts) / max(len(prompts), 1)
     tokens = cfg.train.batch_size * (mean_prompt + cfg.ppo.response_length)
     enabled = tokens >= PPO_CHECKPOINT_MIN_TOKENS
-    logger.info("gradient checkpointing %s (auto: PPO micro-batches average %.0f tokens; on from %d)",
-                "on" if enabled else "off", tokens, PPO_CHECKPOINT_MIN_TOKENS)
+    logger.info("gradient checkpointing %s (auto: micro-batches of prompt + response average %.0f tokens; on "
+                "from %d)", "on" if enabled else "off", tokens, PPO_CHECKPOINT_MIN_TOKENS)
     return enabled
 
 
-def ppo_settings(cfg: Config, stop_ids: tuple[int, ...]) -> PPOSettings:
-    ppo = cfg.ppo
-    return PPOSettings(
+def rollout_settings(cfg: Config, stop_ids: tuple[int, ...]) -> RolloutSettings:
+    ppo, critic_free = cfg.ppo, cfg.algorithm.rlhf_type in CRITIC_FREE_TYPES
+    return RolloutSettings(
         batch_size=cfg.train.batch_size, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        num_mini_batches=ppo.num_mini_batches, num_ppo_epochs=ppo.num_ppo_epochs,
+        num_mini_batches=ppo.num_mini_batches,
+        num_epochs=cfg.algorithm.num_iterations if critic_free else ppo.num_ppo_epochs,
         rollout_chunk=ppo.local_rollout_forward_batch_size,
-        sampling=SamplingParams(max_new_tokens=ppo.response_length, temperature=ppo.temperature,
-                                stop_ids=stop_ids),
-        kl_coef=ppo.kl_coef, kl_estimator=ppo.kl_estimator, whiten_rewards=ppo.whiten_rewards, gamma=ppo.gamma,
-        lam=ppo.lam, cliprange=ppo.cliprange, cliprange_value=ppo.cliprange_value, vf_coef=ppo.vf_coef,
-        missing_eos_penalty=ppo.missing_eos_penalty)
+        sampling=SamplingParams(max_new_tokens=ppo.response_length, temperature=ppo.temperature, stop_ids=stop_ids),
+        missing_eos_penalty=ppo.missing_eos_penalty,
+        num_generations=cfg.algorithm.num_generations if critic_free else 1)
+
+
+def ppo_settings(cfg: Config) -> PPOSettings:
+    ppo = cfg.ppo
+    return PPOSettings(kl_coef=ppo.kl_coef, kl_estimator=ppo.kl_estimator, whiten_rewards=ppo.whiten_rewards,
+                       gamma=ppo.gamma, lam=ppo.lam, cliprange=ppo.cliprange, cliprange_value=ppo.cliprange_value,
+                       vf_coef=ppo.vf_coef)
+
+
+def critic_free_settings(cfg: Config) -> CriticFreeSettings:
+    a = cfg.algorithm
+    return CriticFreeSettings(
+        estimator=a.rlhf_type, num_generations=a.num_generations, beta=a.beta, epsilon=a.epsilon,
+        epsilon_high=a.epsilon_high, scale_rewards=a.scale_rewards, loss_type=a.loss_type,
+        mask_truncated_completions=a.mask_truncated_completions, kl_estimator=cfg.ppo.kl_estimator,
+        max_completion_length=cfg.ppo.response_length,
+        on_policy=a.num_iterations == 1 and cfg.ppo.num_mini_batches == 1)
 
 
 def check_reward_tokenizer(tokenizer, reward_dir: Path | None) -> None:
@@ -135,22 +162,35 @@ def check_reward_tokenizer(tokenizer, reward_dir: Path | None) -> None:
                          "(re-tokenising for a foreign reward model is not supported yet)")
 
 
-def recompute_old_logprobs(choice: str, dtype: torch.dtype) -> bool:
-    """--old_logprobs: whether a no-grad policy forward recomputes the sampled tokens' log-probs
-    (auto: only in 16-bit, where the sampler's KV-cached forward rounds unlike the packed one; in
-    float32 the two agree to ~1e-6 and the forward is 1/4 of the scoring phase)."""
-    if choice == "auto":
-        recompute = dtype != torch.float32
-        logger.info("old log-probs: %s (auto: %s)", "recomputed" if recompute else "the sampler's", dtype)
-        return recompute
-    return choice == "recompute"
+def old_logprobs_source(choice: str, *, needed: bool, dtype: torch.dtype, engine: str) -> str:
+    """--old_logprobs resolved: "none" (the update is on-policy and no KL reads them), "sampler"
+    (the sampler's own) or "recompute" (a no-grad packed policy forward). auto: the sampler's only
+    for HF generate in float32, where its KV-cached forward agrees with the packed one to ~1e-6
+    (that forward is 1/4 of PPO's scoring phase); recomputed in 16-bit and for vLLM, whose kernels
+    round otherwise (its log-probs are then logged beside them: rollout/sampler_logp_gap)."""
+    if not needed:
+        return "none"
+    if choice != "auto":
+        return choice
+    source = "sampler" if dtype == torch.float32 and engine == "hf" else "recompute"
+    logger.info("old log-probs: %s (auto: %s, %s rollouts)", "the sampler's" if source == "sampler" else "recomputed",
+                dtype, engine)
+    return source
 
 
-def make_scoring(models: PPOModelSet, policy_engine, value_engine, reference, rules, *, packed: bool,
-                 impl: str, temperature: float, recompute_old: bool = True) -> tuple[ScoringPasses, TrainPasses]:
-    """The closures over the models: no-grad scoring passes and grad-tracking training passes
-    (`recompute_old` False: the sampler's log-probs are the old ones, no policy scoring pass)."""
-    policy, value = policy_engine.module, value_engine.module
+def needs_old_logprobs(cfg: Config) -> bool:
+    """PPO always (ratio and KL); the GRPO family when the update is off-policy or the KL is in the reward."""
+    if cfg.algorithm.rlhf_type not in CRITIC_FREE_TYPES:
+        return True
+    settings = critic_free_settings(cfg)
+    return not settings.on_policy or settings.kl_in_reward
+
+
+def make_scoring(models: PPOModelSet, policy_engine, value_engine, reference, rules, *, packed: bool, impl: str,
+                 temperature: float, old_logprobs: str, with_reference: bool) -> tuple[ScoringPasses, object]:
+    """The closures over the models: the no-grad scoring passes (each only where the algorithm reads
+    it) and the grad-tracking policy forward of the updates (log-probs and entropies)."""
+    policy = policy_engine.module
 
     def policy_logps(batch):
         return token_stats(policy, batch, packed=packed, logprob_impl=impl, temperature=temperature)
@@ -162,41 +202,88 @@ def make_scoring(models: PPOModelSet, policy_engine, value_engine, reference, ru
             return token_stats(policy, batch, packed=packed, logprob_impl=impl, temperature=temperature)
 
     def values(batch):
-        return token_values(value, batch, packed=packed)
+        return token_values(value_engine.module, batch, packed=packed)
+
+    def train_policy(batch):
+        return token_stats(policy, batch, packed=packed, logprob_impl=impl, temperature=temperature, with_entropy=True)
+
+    passes = ScoringPasses(policy=policy_logps if old_logprobs == "recompute" else None,
+                           reference=reference_logps if with_reference else None,
+                           values=values if value_engine is not None else None,
+                           scores=make_scores(models, value_engine, rules, packed=packed))
+    return passes, train_policy
+
+
+def make_scores(models: PPOModelSet, value_engine, rules, *, packed: bool):
+    """(batch, prompts, texts) -> (scores [S], metrics): the reward model's score plus the rule rewards."""
+    has_reward_model = models.reward is not None or models.reward_head is not None
 
     def reward_model_scores(batch):
         if models.reward is not None:
             return reward_stats(models.reward, batch, packed=packed).rewards_ER[:, 0]
+        value = value_engine.module
         with value.lm.disable_adapter():  # the reward model is the value model's backbone, adapter off
             return reward_stats(RewardModel(value.lm, models.reward_head), batch, packed=packed).rewards_ER[:, 0]
 
-    has_reward_model = models.reward is not None or models.reward_head is not None
-
     def scores(batch, prompts, texts):
-        total = reward_model_scores(batch).float() if has_reward_model else torch.zeros(batch.num_sequences)
+        device = batch.input_ids.device
+        total = reward_model_scores(batch).float() if has_reward_model else torch.zeros(batch.num_sequences,
+                                                                                         device=device)
         metrics = {}
         if has_reward_model:
             metrics["rewards/reward_model"] = float(total.mean())
         if rules:
             rule_scores, rule_metrics = rule_rewards.score_rule_rewards(rules, prompts, texts)
-            total = total.to(batch.input_ids.device) + torch.tensor(rule_scores, device=batch.input_ids.device)
+            total = total + torch.tensor(rule_scores, device=device)
             metrics.update(rule_metrics)
         return total, metrics
 
-    def train_policy(batch):
-        return token_stats(policy, batch, packed=packed, logprob_impl=impl, temperature=temperature, with_entropy=True)
-
-    return (ScoringPasses(policy=policy_logps if recompute_old else None, reference=reference_logps, values=values,
-                          scores=scores),
-            TrainPasses(policy=train_policy, values=values))
+    return scores
 
 
-def build_ppo_session(cfg: Config) -> PPOSession:
+def decide_rollout_engine(choice: str) -> str:
+    """--rollout_engine resolved: vllm (a supported vLLM must be installed: a clear error otherwise),
+    hf, or auto: vllm when a supported one is installed, else hf."""
+    from hpalign.rl.vllm_engine import check_vllm, installed_vllm, vllm_usable
+
+    if choice == "vllm":
+        check_vllm()
+        return "vllm"
+    if choice == "auto":
+        engine = "vllm" if vllm_usable() else "hf"
+        found = installed_vllm()
+        logger.info("rollout engine: %s (auto; %s)", engine,
+                    f"{found[0]} {found[1]} installed" if found else "no vLLM installed")
+        return engine
+    return choice
+
+
+def make_rollout_engine(name: str, cfg: Config, policy_engine, *, pad_id: int, max_prompt_tokens: int) -> RolloutEngine:
+    """The sampler of the rollouts: HF generate on the policy, or a colocated vLLM engine fed the
+    policy's weights before every rollout phase."""
+    if name == "hf":
+        return HFGenerateRollouts(policy_engine, pad_id=pad_id, batch_size=cfg.ppo.local_rollout_forward_batch_size)
+    from hpalign.rl.vllm_engine import VLLMRollouts, VLLMSettings
+
+    ppo, layout = cfg.ppo, distributed.layout()
+    settings = VLLMSettings(
+        gpu_memory_utilization=ppo.vllm_gpu_memory_utilization, tensor_parallel_size=ppo.vllm_tensor_parallel_size,
+        max_model_len=ppo.vllm_max_model_len or max_prompt_tokens + ppo.response_length,
+        max_num_seqs=ppo.local_rollout_forward_batch_size, sleep_mode=ppo.vllm_enable_sleep_mode,
+        bucket_bytes=ppo.vllm_sync_bucket_mb << 20, seed=cfg.train.seed)
+    return VLLMRollouts(policy_engine, settings, layout.device, world_size=layout.data_parallel_size)
+
+
+def build_rollout_session(cfg: Config) -> RolloutSession:
+    rlhf_type = cfg.algorithm.rlhf_type
+    critic_free = rlhf_type in CRITIC_FREE_TYPES
     check_logprob_impl(cfg.algorithm.logprob_impl)
     run_dir = make_run_dir(cfg)
     setup_logging(run_dir)
     logger.info("run directory: %s", run_dir)
-    for warning in unused_flag_warnings(cfg, needs_reference=True):
+    cf_settings = critic_free_settings(cfg) if critic_free else None
+    with_reference = cf_settings.needs_reference if critic_free else True
+    for warning in unused_flag_warnings(cfg, needs_reference=with_reference):
         logger.warning(warning)
     if cfg.ppo.reward_model_type:
         logger.warning("--reward_model_type %s has no effect: hpalign reads the reward model's architecture from "
@@ -205,18 +292,22 @@ def build_ppo_session(cfg: Config) -> PPOSession:
     template = templates.resolve_template(tokenizer, cfg.model.template, cfg.model.model_type)
     data = prepare_data(cfg, "prompt", template)
     if not data.train:
-        raise ValueError("PPO has no training prompts: check --dataset")
+        raise ValueError(f"--rlhf_type {rlhf_type} has no training prompts: check --dataset")
     cfg.ppo.reward_funcs = decide_reward_funcs(cfg, builtin=data.builtin)
     if data.builtin and not cfg.ppo.reward_model_id_or_path:
         keep_arithmetic_prompts(data, num_eval=cfg.data.num_eval_generations)
         if "max_steps" not in cfg.user_set and "num_train_epochs" not in cfg.user_set:
-            cfg.train.max_steps = BUILTIN_PPO_STEPS
-            logger.info("PPO on the built-in prompts: %d steps by default (--max_steps / --num_train_epochs "
-                        "set the length)", BUILTIN_PPO_STEPS)
+            cfg.train.max_steps = BUILTIN_STEPS[family(rlhf_type)]
+            logger.info("%s on the built-in prompts: %d steps by default (--max_steps / --num_train_epochs set the "
+                        "length)", rlhf_type, cfg.train.max_steps)
     rules = rule_rewards.parse_reward_funcs(cfg.ppo.reward_funcs, cfg.ppo.reward_weights)
     dtype = resolve_dtype(cfg.model.torch_dtype)
     cfg.train.gradient_checkpointing = decide_ppo_gradient_checkpointing(cfg, data.train)
     cfg.train.disable_dropout = True if cfg.train.disable_dropout is None else cfg.train.disable_dropout
+    engine_name = decide_rollout_engine(cfg.ppo.rollout_engine)
+    old_logprobs = old_logprobs_source(cfg.ppo.old_logprobs, needed=needs_old_logprobs(cfg), dtype=dtype,
+                                       engine=engine_name)
+    cfg.ppo.rollout_engine = engine_name
     if distributed.is_main():  # the resolved config, every decision above included
         save_config(cfg, run_dir / "config.yaml")
     lora = None if cfg.tuning.sft_type == "full" else LoraSettings(
@@ -225,50 +316,62 @@ def build_ppo_session(cfg: Config) -> PPOSession:
     models = build_ppo_models(model=cfg.model.model, ref_model=cfg.model.ref_model,
                               reward_model=cfg.ppo.reward_model_id_or_path, dtype=dtype, attn_impl=cfg.model.attn_impl,
                               gradient_checkpointing=cfg.train.gradient_checkpointing, lora=lora, seed=cfg.train.seed,
-                              no_dropout=cfg.train.disable_dropout)
+                              no_dropout=cfg.train.disable_dropout, with_value=not critic_free,
+                              with_reference=with_reference)
     check_reward_tokenizer(tokenizer, models.reward_tokenizer_dir)
     if cfg.data.packing:
         backend = varlen_backend(cfg.model.attn_impl)
-        for model in (models.policy, models.reference, models.value.lm, models.reward and models.reward.lm):
+        for model in (models.policy, models.reference, models.value and models.value.lm,
+                      models.reward and models.reward.lm):
             if model is not None:
                 enable_varlen_attention(model, backend=backend)
     stop_ids = tuple(template.stop_token_ids) if cfg.ppo.stop_token == "eos" else ()
-    settings = ppo_settings(cfg, stop_ids)
+    settings = rollout_settings(cfg, stop_ids)
     world = distributed.layout().data_parallel_size
-    plan = BatchPlan(len(data.train), settings.rollouts_per_rank, 1, world)
+    plan = BatchPlan(len(data.train), settings.prompts_per_rank, 1, world)
     num_steps = total_steps(plan, num_train_epochs=cfg.train.num_train_epochs, max_steps=cfg.train.max_steps)
-    policy_engine, value_engine, reference, reward = build_engines(cfg, models, dtype=dtype, num_steps=num_steps)
+    optimizer_steps = num_steps * settings.num_epochs * settings.num_mini_batches
+    policy_engine, value_engine, reference, reward = build_engines(cfg, models, dtype=dtype,
+                                                                   optimizer_steps=optimizer_steps)
     models.reward = reward
-    device = distributed.layout().device
-    check_models_on_device({"policy": policy_engine.module, "value": value_engine.module, "reference": reference,
-                            "reward": reward}, device)
-    scoring, training = make_scoring(models, policy_engine, value_engine, reference, rules, packed=cfg.data.packing,
-                                     impl=cfg.algorithm.logprob_impl, temperature=settings.sampling.temperature,
-                                     recompute_old=recompute_old_logprobs(cfg.ppo.old_logprobs, dtype))
-    rollout_engine = HFGenerateRollouts(policy_engine, pad_id=tokenizer.pad_token_id,
-                                        batch_size=cfg.ppo.local_rollout_forward_batch_size)
+    check_models_on_device({"policy": policy_engine.module, "value": value_engine and value_engine.module,
+                            "reference": reference, "reward": reward}, distributed.layout().device)
+    scoring, train_policy = make_scoring(models, policy_engine, value_engine, reference, rules,
+                                         packed=cfg.data.packing, impl=cfg.algorithm.logprob_impl,
+                                         temperature=settings.sampling.temperature, old_logprobs=old_logprobs,
+                                         with_reference=with_reference)
+    if critic_free:
+        objective = CriticFreeObjective(cf_settings, policy_engine=policy_engine, policy_forward=train_policy)
+    else:
+        objective = PPOObjective(ppo_settings(cfg), policy_engine=policy_engine, value_engine=value_engine,
+                                 policy_forward=train_policy, value_forward=scoring.values,
+                                 eos_ids=tuple(template.stop_token_ids))
+    rollout_engine = make_rollout_engine(engine_name, cfg, policy_engine, pad_id=tokenizer.pad_token_id,
+                                         max_prompt_tokens=max(len(p.prompt_ids) for p in data.train))
     collate = make_collate(pad_id=tokenizer.pad_token_id, packed=cfg.data.packing,
                            max_tokens=cfg.data.max_tokens_per_batch)
-    logger.info("PPO: %d prompts per step (%d per rank), %d steps, %d optimizer steps per PPO step; rewards: %s",
-                plan.global_batch, settings.rollouts_per_rank, num_steps,
-                settings.num_ppo_epochs * settings.num_mini_batches,
+    logger.info("%s: %d prompts per step (%d per rank) x %d responses, %d steps, %d optimizer steps per step; "
+                "rollouts on %s; rewards: %s", rlhf_type, plan.global_batch, settings.prompts_per_rank,
+                settings.num_generations, num_steps, settings.num_epochs * settings.num_mini_batches, engine_name,
                 ", ".join(([cfg.ppo.reward_model_id_or_path] if cfg.ppo.reward_model_id_or_path else [])
                           + [f"{r.name} x{r.weight:g}" for r in rules]))
-    return PPOSession(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, template=template, data=data,
-                      policy_engine=policy_engine, value_engine=value_engine, rollout_engine=rollout_engine,
-                      scoring=scoring, training=training, settings=settings, plan=plan, num_steps=num_steps,
-                      collate=collate)
+    return RolloutSession(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, template=template, data=data,
+                          policy_engine=policy_engine, value_engine=value_engine, rollout_engine=rollout_engine,
+                          scoring=scoring, objective=objective, settings=settings, plan=plan, num_steps=num_steps,
+                          collate=collate)
 
 
-def build_engines(cfg: Config, models: PPOModelSet, *, dtype: torch.dtype, num_steps: int):
-    """(policy engine, value engine, frozen reference or None, frozen reward model or None)."""
+def build_engines(cfg: Config, models: PPOModelSet, *, dtype: torch.dtype, optimizer_steps: int):
+    """(policy engine, value engine or None, frozen reference or None, frozen reward model or None)."""
     ds_config = engine_lib.deepspeed_config(
         cfg.train.deepspeed, micro_batch_size=cfg.train.batch_size,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         max_grad_norm=cfg.train.max_grad_norm, dtype=dtype)
-    optimizer_steps = num_steps * cfg.ppo.num_ppo_epochs * cfg.ppo.num_mini_batches
     engines = []
     for model in (models.policy, models.value):
+        if model is None:
+            engines.append(None)
+            continue
         engine, _, _ = engine_lib.build_engine(
             model, ds_config=ds_config, learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
             betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), num_training_steps=optimizer_steps,

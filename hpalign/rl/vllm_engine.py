@@ -4,7 +4,7 @@ One vLLM `LLM` per rank, in the training process (`VLLM_ENABLE_V1_MULTIPROCESSIN
 ranks: `distributed_executor_backend="external_launcher"`, the ranks of the launcher are vLLM's).
 The engine starts with dummy weights (`load_format="dummy"`: no checkpoint is read twice, and a
 policy vLLM could not load from disk, the embedded GGUF model, works the same) and gets the policy's
-weights pushed before every rollout phase, i.e. after every policy update (`update_weights`):
+weights pushed before every rollout phase, i.e. after every policy update (`sync_weights`):
 
 - bucketed: the policy's tensors stream in HF names, one bucket of whole parameters at a time;
   under ZeRO-3 only that bucket is gathered (sized by `ds_numel`: a partitioned parameter's
@@ -314,7 +314,7 @@ class VLLMRollouts:
         if "kv_cache" in tags:
             self.asleep = False
 
-    def update_weights(self) -> dict[str, float]:
+    def sync_weights(self) -> dict[str, float]:
         """Push the policy's current weights (every rank at once under ZeRO-3); sync metrics."""
         self._wake(["weights"])
         report = SyncReport()

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from hpalign import checkpoint, distributed, report
 from hpalign.config import Config
 from hpalign.data import builtin
+from hpalign.hyperparams import ROLLOUT_TYPES
 from hpalign.train.evaluate import generation_eval, label_eval, preference_eval
 from hpalign.train.kto import mismatched_completion
 from hpalign.train.loop import TrainState, finish_window, run_step
@@ -199,10 +200,10 @@ def run(cfg: Config) -> int:
     distributed.init_distributed()
     configure_threads(cfg)
     seed_everything(cfg.train.seed)
-    if cfg.algorithm.rlhf_type == "ppo":  # the rollout loop (hpalign/rl/) has its own runner
-        from hpalign.rl.runner import run_ppo
+    if cfg.algorithm.rlhf_type in ROLLOUT_TYPES:  # the rollout loop (hpalign/rl/) has its own runner
+        from hpalign.rl.runner import run_rollouts
 
-        return run_ppo(cfg)
+        return run_rollouts(cfg)
     session = build_session(cfg)
     state = TrainState()
     resume(session, state)

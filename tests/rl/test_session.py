@@ -1,4 +1,4 @@
-"""What a PPO session decides before it builds anything."""
+"""What a rollout session (PPO, the GRPO family) decides before it builds anything."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ from hpalign.cli import build_config
 from hpalign.data.types import TokenizedExample
 from hpalign.rl.session import (
     BUILTIN_REWARD_FUNCS,
+    critic_free_settings,
     decide_ppo_gradient_checkpointing,
     decide_reward_funcs,
+    needs_old_logprobs,
+    old_logprobs_source,
     ppo_settings,
-    recompute_old_logprobs,
+    rollout_settings,
     steps_between_samples,
 )
 
@@ -21,7 +24,9 @@ def _cfg(*flags):
 
 
 def test_reward_funcs_default_to_the_builtin_rules_without_a_reward_model():
-    assert decide_reward_funcs(_cfg(), builtin=True) == BUILTIN_REWARD_FUNCS
+    assert decide_reward_funcs(_cfg(), builtin=True) == BUILTIN_REWARD_FUNCS["ppo"] == ["accuracy", "length"]
+    grpo = build_config(["--rlhf_type", "grpo"])
+    assert decide_reward_funcs(grpo, builtin=True) == BUILTIN_REWARD_FUNCS["critic_free"] == ["accuracy"]
     assert decide_reward_funcs(_cfg("--reward_model_id_or_path", "rm"), builtin=True) == []
     assert decide_reward_funcs(_cfg("--reward_funcs", "emoji"), builtin=False) == ["emoji"]
     with pytest.raises(ValueError, match="needs a reward"):
@@ -47,13 +52,42 @@ def test_settings_carry_every_ppo_flag():
                "--temperature", "0.9", "--kl_coef", "0.2", "--kl_estimator", "k3", "--whiten_rewards", "true",
                "--gamma", "0.9", "--lam", "0.5", "--cliprange", "0.3", "--cliprange_value", "0.4", "--vf_coef", "0.6",
                "--missing_eos_penalty", "2")
-    settings = ppo_settings(cfg, stop_ids=(3,))
-    assert settings.rollouts_per_rank == 12 and settings.rollout_chunk == 7 and settings.num_ppo_epochs == 5
+    settings, ppo = rollout_settings(cfg, stop_ids=(3,)), ppo_settings(cfg)
+    assert settings.rollouts_per_rank == 12 and settings.rollout_chunk == 7 and settings.num_epochs == 5
+    assert settings.num_generations == 1 and settings.prompts_per_rank == 12
     assert settings.sampling == type(settings.sampling)(max_new_tokens=9, temperature=0.9, stop_ids=(3,))
-    assert (settings.kl_coef, settings.kl_estimator, settings.whiten_rewards, settings.gamma, settings.lam) == (
-        0.2, "k3", True, 0.9, 0.5)
-    assert (settings.cliprange, settings.cliprange_value, settings.vf_coef, settings.missing_eos_penalty,
-            settings.sampling.temperature) == (0.3, 0.4, 0.6, 2.0, 0.9)
+    assert (ppo.kl_coef, ppo.kl_estimator, ppo.whiten_rewards, ppo.gamma, ppo.lam) == (0.2, "k3", True, 0.9, 0.5)
+    assert (ppo.cliprange, ppo.cliprange_value, ppo.vf_coef, settings.missing_eos_penalty) == (0.3, 0.4, 0.6, 2.0)
+
+
+def test_settings_carry_every_grpo_flag():
+    cfg = build_config(["--rlhf_type", "grpo", "--batch_size", "6", "--num_generations", "3", "--num_iterations", "2",
+                        "--num_mini_batches", "2", "--beta", "0.1", "--epsilon", "0.1", "--epsilon_high", "0.3",
+                        "--scale_rewards", "batch", "--loss_type", "dr_grpo", "--mask_truncated_completions", "true",
+                        "--response_length", "20"])
+    settings, grpo = rollout_settings(cfg, stop_ids=()), critic_free_settings(cfg)
+    assert (settings.num_generations, settings.num_epochs, settings.rollouts_per_rank, settings.prompts_per_rank) == (
+        3, 2, 12, 4)
+    assert (grpo.estimator, grpo.num_generations, grpo.beta, grpo.epsilon, grpo.epsilon_high, grpo.scale_rewards,
+            grpo.loss_type, grpo.mask_truncated_completions, grpo.max_completion_length, grpo.on_policy) == (
+        "grpo", 3, 0.1, 0.1, 0.3, "batch", "dr_grpo", True, 20, False)
+    assert grpo.kl_in_loss and not grpo.kl_in_reward and grpo.needs_reference
+
+
+def test_grpo_family_defaults_and_groups():
+    grpo, rloo, rpp = (critic_free_settings(build_config(["--rlhf_type", t])) for t in ("grpo", "rloo",
+                                                                                     "reinforce_pp"))
+    assert (grpo.beta, grpo.num_generations, grpo.epsilon, grpo.epsilon_high, grpo.loss_type, grpo.scale_rewards) == (
+        0.04, 8, 0.2, None, "grpo", "group")
+    assert (rloo.beta, rloo.num_generations, rpp.beta, rpp.num_generations) == (0.05, 4, 0.01, 4)
+    assert grpo.on_policy and rloo.kl_in_reward and rpp.kl_in_reward and not grpo.kl_in_reward
+    assert not critic_free_settings(build_config(["--rlhf_type", "grpo", "--beta", "0"])).needs_reference
+    with pytest.raises(ValueError, match="do not split into groups of --num_generations 3"):
+        build_config(["--rlhf_type", "grpo", "--batch_size", "8", "--num_generations", "3"])
+    with pytest.raises(ValueError, match="--num_generations is 1"):
+        build_config(["--rlhf_type", "rloo", "--num_generations", "1"])
+    with pytest.raises(ValueError, match="--loss_type 'sigmoid'"):
+        build_config(["--rlhf_type", "grpo", "--loss_type", "sigmoid"])
 
 
 def test_sample_cadence():
@@ -96,11 +130,22 @@ def test_learning_rate_default_for_ppo_with_lora():
     assert _cfg("--learning_rate", "1e-5").train.learning_rate == 1e-5
 
 
-def test_old_logprobs_come_from_the_sampler_in_float32_unless_asked():
+def test_old_logprobs_come_from_the_sampler_in_float32_with_hf_unless_asked():
     import torch
 
     assert _cfg().ppo.old_logprobs == "auto"
-    assert not recompute_old_logprobs("auto", torch.float32)
-    assert recompute_old_logprobs("auto", torch.bfloat16) and recompute_old_logprobs("auto", torch.float16)
-    assert recompute_old_logprobs("recompute", torch.float32)
-    assert not recompute_old_logprobs("sampler", torch.bfloat16)
+    assert old_logprobs_source("auto", needed=True, dtype=torch.float32, engine="hf") == "sampler"
+    assert old_logprobs_source("auto", needed=True, dtype=torch.float32, engine="vllm") == "recompute"
+    for dtype in (torch.bfloat16, torch.float16):
+        assert old_logprobs_source("auto", needed=True, dtype=dtype, engine="hf") == "recompute"
+    assert old_logprobs_source("recompute", needed=True, dtype=torch.float32, engine="hf") == "recompute"
+    assert old_logprobs_source("sampler", needed=True, dtype=torch.bfloat16, engine="vllm") == "sampler"
+    assert old_logprobs_source("recompute", needed=False, dtype=torch.float32, engine="hf") == "none"
+
+
+def test_old_logprobs_are_needed_by_ppo_and_by_off_policy_or_kl_in_reward_critic_free_runs():
+    assert needs_old_logprobs(_cfg())
+    assert not needs_old_logprobs(build_config(["--rlhf_type", "grpo"]))  # on-policy, KL in the loss
+    assert needs_old_logprobs(build_config(["--rlhf_type", "grpo", "--num_iterations", "2"]))
+    assert needs_old_logprobs(build_config(["--rlhf_type", "rloo"]))  # KL in the reward
+    assert not needs_old_logprobs(build_config(["--rlhf_type", "rloo", "--beta", "0"]))
