@@ -23,7 +23,7 @@ USAGE = """\
 usage: hpalign <command> [flags]
 
 commands:
-  rlhf     train: --rlhf_type dpo|kto|cpo|orpo|simpo|rm|ppo|sft and the `swift rlhf` flags
+  rlhf     train: --rlhf_type dpo|kto|cpo|orpo|simpo|rm|sft|ppo|grpo|rloo|reinforce_pp and the `swift rlhf` flags
   sft      supervised fine-tuning (= hpalign rlhf --rlhf_type sft)
   config   --show [flags]: print the resolved configuration as YAML
   score    --checkpoint DIR --dataset FILE: a reward model's accuracy and mean rewards on pairs

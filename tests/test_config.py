@@ -96,7 +96,7 @@ def test_default_config_is_valid_before_and_after_resolution() -> None:
 
 
 @pytest.mark.parametrize(("values", "expected"), [
-    ({"rlhf_type": "dpoo"}, "dpo, kto, cpo, orpo, simpo, rm, ppo, sft"),
+    ({"rlhf_type": "dpoo"}, "dpo, kto, cpo, orpo, simpo, rm, ppo, grpo, rloo, reinforce_pp, sft"),
     ({"sft_type": "qlora"}, "--sft_type 'qlora' is not valid; use one of: lora, full"),
     ({"loss_type": "robust"}, "--loss_type 'robust' is not valid; use one of: sigmoid, ipo, hinge"),
     ({"beta": -0.1}, "--beta is -0.1; it must be >= 0"),

@@ -26,7 +26,7 @@ logger = logging.getLogger("hpalign")
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int
-    temperature: float
+    temperature: float  # 0: greedy (the log-probs are then of softmax(logits))
     stop_ids: tuple[int, ...] = ()  # empty: never stop early (the swift document's runs)
 
 
@@ -191,12 +191,13 @@ class HFGenerateRollouts:
         device = next(model.parameters()).device
         input_ids, attention_mask = left_padded(chunk, self.pad_id)
         devices = [device] if device.type == "cuda" else []
+        drawing = ({"do_sample": True, "temperature": sampling.temperature, "top_k": 0, "top_p": 1.0}
+                   if sampling.temperature > 0 else {"do_sample": False})
         with torch.random.fork_rng(devices=devices), plain_generation_config(model):  # run's RNG untouched
             torch.manual_seed(seed)
             out = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True,
-                temperature=sampling.temperature, top_k=0, top_p=1.0, max_new_tokens=sampling.max_new_tokens,
-                eos_token_id=list(sampling.stop_ids) or [never_stop_id(model)], pad_token_id=self.pad_id,
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                max_new_tokens=sampling.max_new_tokens, **drawing, eos_token_id=list(sampling.stop_ids) or [never_stop_id(model)], pad_token_id=self.pad_id,
                 use_cache=True, output_scores=True, return_dict_in_generate=True)
         new_BT = out.sequences[:, input_ids.shape[1]:]
         # scores: the processed logits of each step (here logits / temperature), [B, V] per step

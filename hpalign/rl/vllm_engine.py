@@ -263,6 +263,16 @@ def vllm_sampling_params(vllm, sampling: SamplingParams, seed: int):
         logprobs=0, ignore_eos=True, stop_token_ids=list(sampling.stop_ids), detokenize=False)
 
 
+def refresh_tied_lm_head(worker) -> None:
+    """Run in each vLLM worker after a weight sync of a model whose LM head is its input embedding
+    (SmolLM2, Llama 3.2 ...): the sync sends that tensor once, as the embedding (vLLM's loader skips
+    `lm_head.*` for tied models), so the in-place reload finds nothing for the head and restores its
+    kernel state from before: on a CPU the prepacked GEMM of the OLD weights. Re-running the head's
+    processing rebuilds it from the (tied, updated) weight; on a GPU it is a no-op."""
+    head = worker.model_runner.get_model().lm_head
+    head.quant_method.process_weights_after_loading(head)
+
+
 def cuda_free_bytes(device: torch.device) -> int:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
 
@@ -281,7 +291,12 @@ class VLLMRollouts:
     def __post_init__(self) -> None:
         check_vllm()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury the run's own
         import vllm
+
+        # Without a tokenizer (hpalign hands it token ids) vLLM's chat-template warm-up fails and says so
+        # with a traceback; that warm-up serves its chat API, which hpalign never calls.
+        logging.getLogger("vllm.renderers.base").setLevel(logging.ERROR)
 
         self._vllm = vllm
         model = unwrap_model(self.policy_engine)
@@ -322,10 +337,15 @@ class VLLMRollouts:
         model = unwrap_model(self.policy_engine)
         stream = stream_weights(model, bucket_bytes=self.settings.bucket_bytes, report=report)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
+        if getattr(base_causal_lm(model).config, "tie_word_embeddings", False):
+            self.llm.collective_rpc(refresh_tied_lm_head)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         report.seconds = time.perf_counter() - started
         self._wake(["kv_cache"])
+        # Cached prompt keys and values were computed by the old weights: a prompt sharing a block
+        # with an earlier one would reuse them (TRL resets the cache after every sync too).
+        self.llm.reset_prefix_cache()
         return {"time/weight_sync": report.seconds, "weight_sync/bytes": float(report.bytes),
                 "weight_sync/buckets": float(report.buckets)}
 
