@@ -3,6 +3,7 @@
   python benchmarks/bench_train.py --rlhf_type ppo --vs trl                   # SmolLM2 LoRA, mixed prompts
   python benchmarks/bench_ppo.py --vs trl --prompts builtin                    # hpalign's built-in prompts
   python benchmarks/bench_ppo.py --model tiny-random-llama --vs trl --steps 1 --repeats 1 --response_length 8
+  python benchmarks/bench_ppo.py --vs trl --hpalign_engines hf vllm             # hpalign with both rollout engines
 
 Prompts (`--prompts`): `mixed`, user turns of log-uniform length, 10..300 tokens of text, made of
 bench_train's words; or `builtin`, the first prompts of `builtin_dataset("prompt", "train")`. hpalign
@@ -16,9 +17,12 @@ random score head, saved as an HF sequence-classification directory (TRL's rewar
 hpalign's `--reward_model_id_or_path`), padded with a token that is not the end of turn. The same
 weights can go to hpalign as an hpalign RM checkpoint (`--hpalign_reward_format rm-checkpoint`).
 
-Runs: child processes, alternating TRL, hpalign, variant ... per repeat, so drift falls on all. Per
-tool over the steps after `--warmup`: s/step (median), split into generation / scoring / update /
-other by each phase's share of the summed step time (hpalign's `time/*`; TRL's phases as in
+Runs: child processes, alternating TRL, hpalign, hpalign-vllm, variant ... per repeat, so drift falls
+on all. hpalign's rollout engines (`--hpalign_engines`, default hf): `vllm` runs the hpalign child with
+the python of the vLLM venv (`scripts/vllm_env.sh`; skipped with a message when it is missing) and
+`--rollout_engine vllm`; variants run on hf. Per tool over the steps after `--warmup`: s/step
+(median), split into generation / scoring / update / other by each phase's share of the summed step
+time (hpalign's `time/*`, its `time/weight_sync` counted in generation; TRL's phases as in
 `trl_ppo.py`), rollout tokens/s (generated tokens / generation seconds), episodes/s (prompts per
 step / median s/step), peak RSS (`os.wait4`) and, on CUDA, peak GPU memory. Target: hpalign at
 least 2x TRL's step throughput at no more memory. What differs by construction is in `NOTES`.
@@ -62,6 +66,7 @@ PROMPT_SETS = ("mixed", "builtin")
 PROMPT_TOKENS = (10, 300)  # text tokens of a mixed prompt, log-uniform
 HPALIGN_PROMPTS, TRL_PROMPTS = "hpalign_prompts.jsonl", "trl_prompts.jsonl"
 PHASES = ("generation", "scoring", "update", "other")
+ENGINES = ("hf", "vllm")  # hpalign's --rollout_engine choices the benchmark runs
 TARGET = (2.0, 1.0)  # hpalign / TRL: step throughput at least, peak memory at most
 NOTES = (
     "value model: TRL's is a full copy of the reward model, trained in full even with LoRA; hpalign's LoRA "
@@ -72,6 +77,10 @@ NOTES = (
     "float32, recomputed in 16-bit)",
     "LoRA while sampling: hpalign merges the LoRA deltas into weight copies while sampling (one matmul per layer), TRL "
     "samples through the adapter",
+    "rollout engine: TRL samples with HF generate, hpalign with HF generate (`hpalign`) or its in-process vLLM "
+    "engine (`hpalign-vllm`, which recomputes old log-probs: --old_logprobs auto). hpalign's time/weight_sync "
+    "(vLLM: pushing the policy's weights into the engine before each rollout; HF: none) is counted in "
+    "generation; vLLM's start-up is in no step, its weights and KV cache are in the peak RSS",
     "layout: TRL pads (left-padded prompts, responses padded to the longest); hpalign packs its scoring and "
     "update passes (no pad tokens computed)",
     "sampling: same prompts, temperature, top_k 0, top_p 1 and stop token, but each tool's own RNG: response "
@@ -268,12 +277,17 @@ GPU_PEAK_WRAPPER = (
 )
 
 
+def hpalign_launcher(python: str, *, cuda: bool, gpu_file: Path) -> list[str]:
+    """`python -m hpalign`, on CUDA through GPU_PEAK_WRAPPER (which writes the GPU peak to `gpu_file`)."""
+    return [python, "-c", GPU_PEAK_WRAPPER, str(gpu_file)] if cuda else [python, "-m", "hpalign"]
+
+
 def hpalign_command(args: argparse.Namespace, model_dir: Path, reward_dir: Path, tmp_dir: Path, run_name: str,
-                    extra_flags: list[str] = ()) -> list[str]:
-    launcher = ([sys.executable, "-c", GPU_PEAK_WRAPPER, str(tmp_dir / f"{run_name}.gpu.json")] if args.cuda
-                else [sys.executable, "-m", "hpalign"])
+                    extra_flags: list[str] = (), *, engine: str = "hf", python: str = sys.executable) -> list[str]:
+    launcher = hpalign_launcher(python, cuda=args.cuda, gpu_file=tmp_dir / f"{run_name}.gpu.json")
     return [
-        *launcher, "rlhf", "--rlhf_type", "ppo", "--model", str(model_dir), "--reward_model_id_or_path", str(reward_dir),
+        *launcher, "rlhf", "--rlhf_type", "ppo", "--rollout_engine", engine, "--model", str(model_dir),
+        "--reward_model_id_or_path", str(reward_dir),
         "--dataset", str(tmp_dir / HPALIGN_PROMPTS), "--split_dataset_ratio", "0",
         "--max_steps", str(args.warmup + args.steps), "--batch_size", str(micro_batch(args)),
         "--gradient_accumulation_steps", "1", "--num_mini_batches", str(args.num_mini_batches),
@@ -320,21 +334,24 @@ def read_trl_run(path: Path) -> tuple[list[dict], dict]:
 
 
 def read_hpalign_run(run_dir: Path) -> tuple[list[dict], dict]:
-    """(steps, summary.json's data counts + the gradient checkpointing it chose) of an hpalign PPO run
-    logged every step."""
+    """(steps, summary.json's data counts + the gradient checkpointing and rollout engine it chose) of
+    an hpalign rollout run (PPO or GRPO) logged every step; time/weight_sync is counted in generation."""
     import yaml
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps, episodes = [], 0
     for r in (r for r in records if "time/step" in r):
         phases = {f"{p}_s": r[f"time/{p}"] for p in PHASES[:3]}
+        phases["generation_s"] += r.get("time/weight_sync", 0.0)
         steps.append({**phases, "step_s": r["time/step"], "other_s": max(0.0, r["time/step"] - sum(phases.values())),
+                      "weight_sync_s": r.get("time/weight_sync", 0.0),
                       "rollout_tokens": round(r["rollout/response_length"] * (r["episode"] - episodes)),
-                      "episodes": r["episode"] - episodes, "score": r.get("objective/scores")})
+                      "episodes": r["episode"] - episodes, "score": r.get("objective/scores", r.get("reward"))})
         episodes = r["episode"]
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     data = json.loads((run_dir / "summary.json").read_text())["data"]
-    return steps, {**data, "gradient_checkpointing": config["train"]["gradient_checkpointing"]}
+    return steps, {**data, "gradient_checkpointing": config["train"]["gradient_checkpointing"],
+                   "rollout_engine": config.get("ppo", {}).get("rollout_engine")}
 
 
 def run_once(args: argparse.Namespace, setup: dict, *, tool: str, repeat: int) -> PPORun:
@@ -345,8 +362,9 @@ def run_once(args: argparse.Namespace, setup: dict, *, tool: str, repeat: int) -
                                                  setup["pad_token"])))
         command = [setup["trl_python"], str(REPO / "benchmarks" / "trl_ppo.py"), "--spec", str(spec_path)]
     else:
+        engine = args.engines.get(tool, "hf")
         command = hpalign_command(args, setup["model_dir"], setup["hpalign_reward"], tmp_dir, run_name,
-                                  args.variants[tool])
+                                  args.variants[tool], engine=engine, python=setup["pythons"][engine])
     rss_mib, wall = run_child(command, tmp_dir / f"{run_name}.log", threads=args.threads)
     if tool == "trl":
         steps, info = read_trl_run(tmp_dir / f"{run_name}.json")
@@ -386,7 +404,7 @@ def ratios(ours: PPOSummary, trl: PPOSummary) -> dict:
 
 
 def run_check(runs: list[PPORun], *, prompt_tokens_per_step: list[int], prompts_per_step: int,
-              response_length: int, num_prompts: int) -> dict:
+              response_length: int, num_prompts: int, engines: dict[str, str] | None = None) -> dict:
     """What must agree for the timing to compare like with like (responses differ by sampling)."""
     agree = {}
     for run in runs:
@@ -401,10 +419,13 @@ def run_check(runs: list[PPORun], *, prompt_tokens_per_step: list[int], prompts_
         else:
             agree[f"{name}: every prompt loaded whole"] = (run.data["num_train"] == num_prompts and
                                                           run.data["num_skipped"] == run.data["num_truncated"] == 0)
+            engine = (engines or {}).get(run.tool, "hf")
+            agree[f"{name}: rollouts on {engine}"] = run.data.get("rollout_engine", "hf") == engine
     return {"agree": agree, "all_agree": all(agree.values()), "prompt_tokens_per_step": prompt_tokens_per_step}
 
 
-def markdown_table(summaries: list[PPOSummary], header: str, *, check: dict | None = None) -> str:
+def markdown_table(summaries: list[PPOSummary], header: str, *, check: dict | None = None,
+                   notes: tuple[str, ...] = NOTES) -> str:
     columns = ("tool", "s/step", "generation s", "scoring s", "update s", "other s", "rollout tokens/s",
                "episodes/s", "response tokens", "peak RSS MiB", "peak GPU MiB", "timed steps")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -427,7 +448,7 @@ def markdown_table(summaries: list[PPOSummary], header: str, *, check: dict | No
         failed = [name for name, ok in check["agree"].items() if not ok]
         text += ("\nCheck: " + ("all agree" if not failed else "DISAGREE: " + "; ".join(failed)) + " (prompt tokens "
                  f"per step {check['prompt_tokens_per_step']}, same for both tools)\n")
-    return text + "\nBy construction:\n" + "".join(f"- {note}\n" for note in NOTES)
+    return text + "\nBy construction:\n" + "".join(f"- {note}\n" for note in notes)
 
 
 # ----------------------------------------------------------------------------- main
@@ -439,6 +460,56 @@ def requested(argv: list[str]) -> bool:
     return "--rlhf_type=ppo" in argv or any(flag == "--rlhf_type" and value == "ppo" for flag, value in pairs)
 
 
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hpalign_engines", nargs="+", default=["hf"], choices=ENGINES,
+                        help="hpalign's rollout engines, one run each: hf (tool `hpalign`), vllm (`hpalign-vllm`, "
+                             "in the vLLM venv of scripts/vllm_env.sh)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help="an extra hpalign run (HF generate) with these flags, e.g. --variant "
+                             "'padded=--packing false'")
+
+
+def engine_tool(engine: str) -> str:
+    return BASELINE if engine == "hf" else f"{BASELINE}-{engine}"
+
+
+def hpalign_tools(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """args.variants {tool: extra flags} (one per engine, then the --variant ones) and args.engines
+    {tool: rollout engine}."""
+    engines = list(dict.fromkeys(args.hpalign_engines))
+    args.engines = {engine_tool(engine): engine for engine in engines}
+    args.variants = {tool: [] for tool in args.engines}
+    for spec in args.variant:
+        name, _, flags = spec.partition("=")
+        if not name or name in args.variants or name in ("trl", *map(engine_tool, ENGINES)):
+            parser.error(f"--variant {spec!r}: give a new NAME=FLAGS")
+        args.variants[name] = flags.split()
+        args.engines[name] = "hf"
+
+
+def vllm_python() -> str | None:
+    """The python of scripts/vllm_env.sh's venv, or None when it is not there (nothing is created)."""
+    done = subprocess.run(["bash", str(REPO / "scripts" / "vllm_env.sh"), "--check"], capture_output=True, text=True)
+    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else None
+
+
+def resolve_engine_pythons(args: argparse.Namespace) -> tuple[dict[str, str], list[str]]:
+    """({engine: the python its hpalign child runs with}, skip messages); an engine whose environment
+    is missing is dropped from args.tools, args.variants and args.engines."""
+    pythons, skipped = {"hf": sys.executable}, []
+    if "vllm" in args.engines.values():
+        found = vllm_python()
+        if found:
+            pythons["vllm"] = found
+        else:
+            tool = engine_tool("vllm")
+            skipped.append(f"{tool} skipped: no vLLM venv (make it with: bash scripts/vllm_env.sh)")
+            print(skipped[-1], flush=True)
+            args.tools = [t for t in args.tools if t != tool]
+            del args.variants[tool], args.engines[tool]
+    return pythons, skipped
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rlhf_type", default="ppo", choices=["ppo"], help="bench_train.py hands PPO over here")
@@ -446,8 +517,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny-random-llama", *RANDOM_LLAMA_SHAPES])
     parser.add_argument("--prompts", default="mixed", choices=PROMPT_SETS)
     parser.add_argument("--vs", choices=["trl"], default=None, help="also run TRL 1.12's PPOTrainer")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
-                        help="an extra hpalign run with these flags, e.g. --variant 'padded=--packing false'")
+    add_engine_arguments(parser)
     parser.add_argument("--steps", type=int, default=3, help="timed PPO steps per run, after the warm-up")
     parser.add_argument("--warmup", type=int, default=1, help="untimed PPO steps at the start of each run (>= 1)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per tool, alternated TRL hpalign TRL ...")
@@ -473,12 +543,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--steps, --warmup, --repeats, --num_mini_batches and --num_ppo_epochs must be >= 1")
     if args.batch_size % args.num_mini_batches:
         parser.error(f"--batch_size {args.batch_size} must be a multiple of --num_mini_batches {args.num_mini_batches}")
-    args.variants = {BASELINE: []}
-    for spec in args.variant:
-        name, _, flags = spec.partition("=")
-        if not name or name in args.variants or name == "trl":
-            parser.error(f"--variant {spec!r}: give a new NAME=FLAGS")
-        args.variants[name] = flags.split()
+    hpalign_tools(parser, args)
     args.tools = (["trl"] if args.vs == "trl" else []) + list(args.variants)
     args.threads = args.threads or (int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else None)
     return args
@@ -496,7 +561,7 @@ def run_all(args: argparse.Namespace, setup: dict) -> tuple[list[PPORun], dict]:
             runs.append(run)
         check = run_check(runs, prompt_tokens_per_step=setup["prompt_tokens_per_step"],
                           prompts_per_step=args.batch_size, response_length=args.response_length,
-                          num_prompts=setup["num_prompts"])
+                          num_prompts=setup["num_prompts"], engines=args.engines)
         if not check["all_agree"] and not args.force:
             failed = [name for name, ok in check["agree"].items() if not ok]
             raise SystemExit(f"the tools did not run the same work ({'; '.join(failed)}): timing not trusted "
@@ -513,7 +578,8 @@ def header_line(args: argparse.Namespace, slug: str, setup: dict, load_before: f
             f"num_ppo_epochs {args.num_ppo_epochs}, lr {learning_rate(args):g}, {args.dtype}, stop at EOS with "
             f"missing_eos_penalty 1, reward model: policy backbone + seeded random head, threads "
             f"{args.threads or 'default'}, {args.warmup} warm-up + {args.steps} timed steps x {args.repeats} "
-            f"repeat(s) per tool, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after")
+            f"repeat(s) per tool, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after"
+            + "".join(f"; {message}" for message in setup.get("skipped", ())))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -522,10 +588,12 @@ def main(argv: list[str] | None = None) -> None:
     slug, date = device_slug(), dt.date.today().isoformat()
     args.cuda = not slug.startswith("cpu")
     args.dtype = ("bfloat16" if args.cuda else "float32") if args.dtype == "auto" else args.dtype
+    pythons, skipped = resolve_engine_pythons(args)
     with tempfile.TemporaryDirectory(prefix="hpalign-bench-ppo-") as tmp:
         tmp_dir = Path(tmp)
         model_dir = model_directory(args.model, tmp_dir)
-        setup = {"tmp_dir": tmp_dir, "model_dir": model_dir, **prepare_prompts(tmp_dir, model_dir, args)}
+        setup = {"tmp_dir": tmp_dir, "model_dir": model_dir, "pythons": pythons, "skipped": skipped,
+                 **prepare_prompts(tmp_dir, model_dir, args)}
         reward = lambda form: write_reward_model(model_dir, tmp_dir / f"reward-{form}", pad_token=setup["pad_token"],  # noqa: E731
                                                  seed=args.seed, form=form)
         setup["trl_reward"] = reward("seq-cls")
@@ -541,6 +609,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"device": slug, "date": date, **{k: v for k, v in vars(args).items() if k not in ("out_dir", "cuda")},
             "trl": setup.get("trl_version"), "prompt_set": {k: setup[k] for k in setup if k.startswith(("prompt", "num_"))},
             "pad_token": setup["pad_token"], "loadavg_1m_before_after": [load_before, os.getloadavg()[0]],
+            "skipped": setup["skipped"],
             "ratios": {s.tool: ratios(s, summaries[0]) for s in summaries[1:]} if args.vs == "trl" else {},
             "notes": list(NOTES), "aggregation": "s/step: median over timed steps of all repeats; phases split it "
             "by their share of the summed timed time; rollout tokens/s: sum generated tokens / sum generation s"}

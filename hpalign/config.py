@@ -217,9 +217,11 @@ class PPOConfig:
                                  "TRL's recipe) or none (always sample --response_length tokens, as the swift "
                                  "document's runs do)."})
     missing_eos_penalty: float | None = field(
-        default=1.0, metadata={"help": "PPO: subtracted from the score of a response that reached "
+        default=1.0, metadata={"help": "PPO / GRPO family: subtracted from the score of a response that reached "
                                "--response_length without an end-of-turn token (none: no penalty; only "
-                               "meaningful with --stop_token eos)."})
+                               "meaningful with --stop_token eos). Default: 1.0 for PPO (TRL PPOv2's recipe), none "
+                               "for the GRPO family (TRL's GRPOTrainer has none; --mask_truncated_completions is "
+                               "its way to handle cut responses)."})
     kl_estimator: str = field(
         default="k1", metadata={"help": "PPO: per-token KL estimate in the reward: k1 (log pi - log ref, "
                                 "unbiased) or k3 ((r - 1) - log r with r = ref / pi, non-negative, lower variance)."})
@@ -322,6 +324,8 @@ def resolve_defaults(cfg: Config) -> Config:
                 setattr(out.algorithm, name, getattr(defaults, name))
     if out.algorithm.rlhf_type in ROLLOUT_TYPES and "batch_size" not in cfg.user_set:
         out.train.batch_size = PPO_DEFAULT_BATCH_SIZE
+    if out.algorithm.rlhf_type in CRITIC_FREE_TYPES and "missing_eos_penalty" not in cfg.user_set:
+        out.ppo.missing_eos_penalty = None
     if out.train.learning_rate is None:
         out.train.learning_rate = DEFAULT_LEARNING_RATE.get(out.tuning.sft_type)
         if out.algorithm.rlhf_type in ROLLOUT_TYPES and out.tuning.sft_type == "lora":

@@ -5,6 +5,7 @@ order, TRL's rendered rows), reward model, commands, the summary and ratio arith
 import argparse
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,8 +36,34 @@ def test_bench_train_hands_ppo_over(bp):
     assert not bp.requested(["--rlhf_type", "dpo", "--variant", "ppo"]) and not bp.requested(["ppo"])
     args = bp.parse_args(["--rlhf_type", "ppo", "--vs", "trl", "--prompts", "builtin"])
     assert args.tools == ["trl", "hpalign"] and args.prompts == "builtin" and args.batch_size == 8
+    assert args.engines == {"hpalign": "hf"} and args.variants == {"hpalign": []}
     with pytest.raises(SystemExit):
         bp.parse_args(["--batch_size", "6", "--num_mini_batches", "4"])
+
+
+def test_hpalign_engines_are_tools_of_their_own(bp):
+    args = bp.parse_args(["--vs", "trl", "--hpalign_engines", "hf", "vllm", "--variant", "no-gc=--gradient_checkpointing "
+                          "false"])
+    assert args.tools == ["trl", "hpalign", "hpalign-vllm", "no-gc"]
+    assert args.engines == {"hpalign": "hf", "hpalign-vllm": "vllm", "no-gc": "hf"}
+    assert args.variants["no-gc"] == ["--gradient_checkpointing", "false"] and args.variants["hpalign-vllm"] == []
+    assert bp.parse_args(["--hpalign_engines", "vllm", "vllm"]).tools == ["hpalign-vllm"]
+    for bad in (["--hpalign_engines", "sglang"], ["--variant", "hpalign-vllm=--packing false"], ["--variant", "trl="]):
+        with pytest.raises(SystemExit):
+            bp.parse_args(bad)
+
+
+def test_missing_vllm_venv_skips_that_engine(bp, monkeypatch, capsys):
+    args = bp.parse_args(["--vs", "trl", "--hpalign_engines", "hf", "vllm"])
+    monkeypatch.setattr(bp, "vllm_python", lambda: None)
+    pythons, skipped = bp.resolve_engine_pythons(args)
+    assert pythons == {"hf": sys.executable} and args.tools == ["trl", "hpalign"] and list(args.engines) == ["hpalign"]
+    assert skipped == ["hpalign-vllm skipped: no vLLM venv (make it with: bash scripts/vllm_env.sh)"]
+    assert skipped[0] in capsys.readouterr().out
+    monkeypatch.setattr(bp, "vllm_python", lambda: "/venv/bin/python")
+    args = bp.parse_args(["--hpalign_engines", "vllm"])
+    assert bp.resolve_engine_pythons(args) == ({"hf": sys.executable, "vllm": "/venv/bin/python"}, [])
+    assert bp.resolve_engine_pythons(bp.parse_args([])) == ({"hf": sys.executable}, [])  # hf alone: no check
 
 
 def test_shortest_prefix_reaches_the_target_and_no_more(bp):
@@ -146,22 +173,39 @@ def test_both_tools_get_the_same_settings(bp, tmp_path):
     assert spec["learning_rate"] == cfg.train.learning_rate == 1e-5 and spec["seed"] == cfg.train.seed == 5
     assert cfg.train.max_steps == spec["steps"] == 3 and cfg.train.num_threads == 1 and not cfg.data.packing
     assert cfg.ppo.reward_model_id_or_path == "rm" == spec["reward_model_dir"] and spec["pad_token"] == "<pad>"
+    assert cfg.ppo.rollout_engine == "hf" and command[:3] == [sys.executable, "-m", "hpalign"]
+
+
+def test_vllm_engine_runs_in_its_python(bp, tmp_path):
+    from hpalign.cli_args import parse_config
+
+    args = ppo_args(bp)
+    command = bp.hpalign_command(args, Path("m"), Path("rm"), tmp_path, "hpalign-vllm-0", engine="vllm",
+                                 python="/venv/bin/python")
+    assert command[:3] == ["/venv/bin/python", "-m", "hpalign"]
+    assert parse_config(command[command.index("rlhf") + 1:]).ppo.rollout_engine == "vllm"
+    args.cuda = True  # hpalign's GPU peak, read at the child's exit
+    command = bp.hpalign_command(args, Path("m"), Path("rm"), tmp_path, "hpalign-vllm-0", engine="vllm",
+                                 python="/venv/bin/python")
+    assert command[:2] == ["/venv/bin/python", "-c"] and command[3] == str(tmp_path / "hpalign-vllm-0.gpu.json")
 
 
 def test_results_are_read_from_both_tools(bp, tmp_path):
     run_dir = tmp_path / "hpalign-0"
     run_dir.mkdir()
-    lines = [{"step": 1, "time/generation": 1.0, "time/scoring": 0.5, "time/update": 2.0, "time/step": 3.6,
-              "rollout/response_length": 10.5, "episode": 4, "objective/scores": -0.5},
+    lines = [{"step": 1, "time/weight_sync": 0.25, "time/generation": 0.75, "time/scoring": 0.5, "time/update": 2.0,
+              "time/step": 3.6, "rollout/response_length": 10.5, "episode": 4, "objective/scores": -0.5},
              {"step": 2, "time/generation": 1.0, "time/scoring": 0.5, "time/update": 2.0, "time/step": 3.5,
               "rollout/response_length": 12.0, "episode": 8}, {"step": 2}]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     (run_dir / "summary.json").write_text(json.dumps({"data": {"num_train": 8, "num_skipped": 0, "num_truncated": 0}}))
-    (run_dir / "config.yaml").write_text("train:\n  gradient_checkpointing: true\n")
+    (run_dir / "config.yaml").write_text("train:\n  gradient_checkpointing: true\nppo:\n  rollout_engine: vllm\n")
     steps, data = bp.read_hpalign_run(run_dir)
     assert [s["rollout_tokens"] for s in steps] == [42, 48] and [s["episodes"] for s in steps] == [4, 4]
     assert steps[0]["other_s"] == pytest.approx(0.1) and steps[1]["other_s"] == 0.0 and data["num_train"] == 8
-    assert data["gradient_checkpointing"] is True
+    assert steps[0]["generation_s"] == 1.0 and steps[0]["weight_sync_s"] == 0.25  # the sync is counted in generation
+    assert steps[1]["generation_s"] == 1.0 and steps[1]["weight_sync_s"] == 0.0  # an older log without it: 0
+    assert data["gradient_checkpointing"] is True and data["rollout_engine"] == "vllm"
     step = {"step_s": 4.0, "generation_s": 1.0, "scoring_s": 1.0, "update_s": 1.5, "other_s": 0.5,
             "rollout_tokens": 30, "prompt_tokens": 99, "metrics": {"objective/scores": 0.25}}
     (tmp_path / "trl.json").write_text(json.dumps({"trl_version": "1.12.0", "rollout_batch_size": 4,
@@ -212,6 +256,16 @@ def test_check_catches_different_work(bp):
     assert not check()["agree"]["trl-0: 2 steps of 4 prompts, responses <= 5 tokens"]
 
 
+def test_check_wants_each_hpalign_run_on_its_engine(bp):
+    runs = [fake_run(bp, "hpalign", [1.0], rss=1.0), fake_run(bp, "hpalign-vllm", [1.0], rss=1.0)]
+    runs[0].data["rollout_engine"], runs[1].data["rollout_engine"] = "hf", "vllm"
+    check = lambda: bp.run_check(runs, prompt_tokens_per_step=[100], prompts_per_step=4, response_length=5,  # noqa: E731
+                                 num_prompts=12, engines={"hpalign": "hf", "hpalign-vllm": "vllm"})
+    assert check()["all_agree"]
+    runs[1].data["rollout_engine"] = "hf"  # vLLM asked, HF ran
+    assert [k for k, ok in check()["agree"].items() if not ok] == ["hpalign-vllm-0: rollouts on vllm"]
+
+
 def test_table_shows_tools_ratios_target_and_notes(bp):
     runs = [fake_run(bp, "trl", [1.0, 9.0], rss=1000.0), fake_run(bp, "hpalign", [1.0, 3.0], rss=700.0)]
     summaries = [bp.summarise(runs, tool=t, warmup=1, prompts_per_step=4) for t in ("trl", "hpalign")]
@@ -221,9 +275,18 @@ def test_table_shows_tools_ratios_target_and_notes(bp):
     assert table.startswith("HEADER\n") and "| trl | 9.00 | 2.25 | 2.25 | 4.50 | 0.00 | 9 | 0.444 | 5.0 | 1000 | - | 1 |" in table
     assert "hpalign (gradient checkpointing ?) / TRL: step throughput **3.00x**" in table and "peak RSS **0.70x**" in table and ": met" in table
     assert "Check: all agree" in table and all(note in table for note in bp.NOTES)
+    assert "time/weight_sync" in table  # the vLLM engine's new phase, said to be counted in generation
+    assert bp.markdown_table(summaries, "H", notes=("only this",)).endswith("By construction:\n- only this\n")
 
 
 # ----------------------------------------------------------------------------- both tools (slow)
+
+
+def vllm_python() -> str:
+    check = subprocess.run(["bash", str(REPO / "scripts" / "vllm_env.sh"), "--check"], capture_output=True, text=True)
+    if check.returncode != 0:
+        pytest.skip(f"no vLLM venv ({check.stderr.strip()})")
+    return check.stdout.strip()
 
 
 def trl_ppo_python() -> str:
@@ -253,3 +316,22 @@ def test_tiny_run_of_both_tools(bp, tmp_path, capsys):
         assert summary["peak_rss_mib"] > 100
     assert "hpalign (gradient checkpointing off) / TRL: step throughput" in capsys.readouterr().out
     print(f"bench_ppo tiny run: {time.perf_counter() - start:.1f} s")
+
+
+@pytest.mark.slow
+def test_tiny_run_of_both_hpalign_engines(bp, tmp_path, capsys):
+    vllm_python()
+    start = time.perf_counter()
+    bp.main(["--model", "tiny-random-llama", "--hpalign_engines", "hf", "vllm", "--steps", "1", "--warmup", "1",
+             "--repeats", "1", "--batch_size", "2", "--response_length", "8", "--num_ppo_epochs", "1", "--threads", "1",
+             "--hpalign_reward_format", "rm-checkpoint", "--out_dir", str(tmp_path)])
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert len(written) == 2 and written[0].startswith("ppo_lora_tiny-random-llama_cpu")
+    result = json.loads((tmp_path / written[0]).read_text())
+    assert result["check"]["all_agree"] and result["meta"]["skipped"] == []
+    assert [s["tool"] for s in result["results"]] == ["hpalign", "hpalign-vllm"]
+    for summary in result["results"]:
+        assert summary["num_timed_steps"] == 1 and 0 < summary["mean_response_tokens"] <= 8
+        assert min(summary["phase_seconds"][p] for p in ("generation", "scoring", "update")) > 0
+    assert "hpalign-vllm" in capsys.readouterr().out
+    print(f"bench_ppo tiny run of both engines: {time.perf_counter() - start:.1f} s")

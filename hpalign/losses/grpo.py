@@ -7,8 +7,9 @@ A rollout batch holds `num_generations` CONSECUTIVE responses to each prompt; a 
 straddles ranks. Token tensors are [B, T] over response tokens, `mask_BT` 1 (or True) on real
 tokens. Unlike ppo.py, the token weights of `token_loss_weights` already divide by the GLOBAL
 counts, so the loop sums `clipped_token_losses` over micro-batches and ranks and divides by nothing.
-Defaults as TRL's GRPOConfig: epsilon 0.2, epsilon_high = epsilon (DAPO uses 0.28), beta 0.0,
-scale_rewards "group".
+The functions' keyword defaults are TRL GRPOConfig's (epsilon 0.2, epsilon_high = epsilon, beta 0.0,
+scale_rewards "group"); the command line's defaults are in `hpalign.hyperparams.GRPOParams` (ms-swift's:
+beta 0.04, loss_type "grpo").
 """
 
 from __future__ import annotations

@@ -346,7 +346,8 @@ class VLLMRollouts:
         # Cached prompt keys and values were computed by the old weights: a prompt sharing a block
         # with an earlier one would reuse them (TRL resets the cache after every sync too).
         self.llm.reset_prefix_cache()
-        return {"time/weight_sync": report.seconds, "weight_sync/bytes": float(report.bytes),
+        # the step's time/weight_sync (the loop's timer) also counts the wakes and the cache reset
+        return {"weight_sync/seconds": report.seconds, "weight_sync/bytes": float(report.bytes),
                 "weight_sync/buckets": float(report.buckets)}
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seeds: list[int]) -> Rollout:

@@ -26,7 +26,8 @@ TINY = [*TINY_RUN, "--rollout_engine", "hf"]
 # The tiny model learns to end its answers: every response without the end-of-turn token loses
 # --missing_eos_penalty (length reward: 0 for these short byte strings), so the mean reward climbs.
 LEARN_TO_STOP = ["--sft_type", "full", "--learning_rate", "1e-4", "--reward_funcs", "length", "--response_length",
-                 "48", "--temperature", "1.0", "--batch_size", "16", "--max_steps", "8", "--num_generations", "4"]
+                 "48", "--temperature", "1.0", "--batch_size", "16", "--max_steps", "8", "--num_generations", "4",
+                 "--missing_eos_penalty", "1.0"]  # PPO's default; the GRPO family has none by default
 
 
 def step_records(run_dir) -> list[dict]:

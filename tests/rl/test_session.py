@@ -81,6 +81,9 @@ def test_grpo_family_defaults_and_groups():
         0.04, 8, 0.2, None, "grpo", "group")
     assert (rloo.beta, rloo.num_generations, rpp.beta, rpp.num_generations) == (0.05, 4, 0.01, 4)
     assert grpo.on_policy and rloo.kl_in_reward and rpp.kl_in_reward and not grpo.kl_in_reward
+    assert build_config(["--rlhf_type", "grpo"]).ppo.missing_eos_penalty is None  # TRL's GRPOTrainer has none
+    assert build_config(["--rlhf_type", "grpo", "--missing_eos_penalty", "0.5"]).ppo.missing_eos_penalty == 0.5
+    assert _cfg().ppo.missing_eos_penalty == 1.0
     assert not critic_free_settings(build_config(["--rlhf_type", "grpo", "--beta", "0"])).needs_reference
     with pytest.raises(ValueError, match="do not split into groups of --num_generations 3"):
         build_config(["--rlhf_type", "grpo", "--batch_size", "8", "--num_generations", "3"])

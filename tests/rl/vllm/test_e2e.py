@@ -21,7 +21,7 @@ def test_ppo_learns_with_vllm_rollouts(tmp_path):
     records = ppo_records(tmp_path / "ppo")
     scores = [r["objective/scores"] for r in records]
     assert mean(scores[-3:]) > mean(scores[:3]) + 0.1, scores
-    assert all(r["weight_sync/bytes"] > 0 and r["time/weight_sync"] > 0 for r in records)  # synced every step
+    assert all(r["weight_sync/bytes"] > 0 and 0 < r["weight_sync/seconds"] <= r["time/weight_sync"] for r in records)
     # old log-probs are recomputed for vLLM; its own sampling log-probs agree with them (fp32)
     assert all(r["rollout/sampler_logp_gap"] < 1e-3 for r in records), [r["rollout/sampler_logp_gap"] for r in records]
 
