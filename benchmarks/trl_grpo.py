@@ -90,15 +90,9 @@ PHASES = ("generation", "scoring", "update", "other")
 
 def read_spec(path: str | Path) -> dict:
     """The spec file with `SPEC_DEFAULTS` filled in; ValueError on a missing, unknown or bad value."""
-    given = json.loads(Path(path).read_text())
-    missing = [k for k in SPEC_REQUIRED if k not in given]
-    unknown = sorted(set(given) - set(SPEC_REQUIRED) - set(SPEC_DEFAULTS))
-    if missing or unknown:
-        raise ValueError(f"{path}: missing keys {missing}, unknown keys {unknown}; "
-                         f"required {list(SPEC_REQUIRED)}, optional {sorted(SPEC_DEFAULTS)}")
-    spec = {**SPEC_DEFAULTS, **given}
-    if spec["sft_type"] not in ("lora", "full"):
-        raise ValueError(f"sft_type {spec['sft_type']!r}: use lora or full")
+    from trl_ppo import spec_from_file
+
+    spec = spec_from_file(path, SPEC_REQUIRED, SPEC_DEFAULTS)
     if min(spec["steps"], spec["per_device_train_batch_size"], spec["gradient_accumulation_steps"],
            spec["num_iterations"]) < 1 or spec["num_generations"] < 2:
         raise ValueError("steps, per_device_train_batch_size, gradient_accumulation_steps and num_iterations must "

