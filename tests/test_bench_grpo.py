@@ -300,25 +300,16 @@ def check_summaries(result: dict, tools: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_tiny_run_of_both_tools(bg, tmp_path, capsys):
+def test_tiny_run_of_both_tools_and_both_hpalign_engines(bg, tmp_path, capsys):
     if importlib.util.find_spec("trl") is None:
         pytest.skip("TRL is the benchmark extra: pip install '.[bench]'")
+    vllm_python()
     start = time.perf_counter()
-    bg.main([*TINY, "--vs", "trl", "--out_dir", str(tmp_path)])
+    bg.main([*TINY, "--vs", "trl", "--hpalign_engines", "hf", "vllm", "--out_dir", str(tmp_path)])
     result = written_result(tmp_path, "grpo_lora_tiny-random-llama_vs-trl_")
-    check_summaries(result, ["trl", "hpalign"])
+    check_summaries(result, ["trl", "hpalign", "hpalign-vllm"])
     assert result["meta"]["trl"] == "1.16.0" and result["meta"]["reward"] == "accuracy"
+    assert result["meta"]["engines"] == {"hpalign": "hf", "hpalign-vllm": "vllm"} and result["meta"]["skipped"] == []
     assert result["meta"]["gradient_checkpointing"] is False and result["check"]["prompt_tokens_per_step"][0] > 0
     assert "hpalign (gradient checkpointing off) / TRL: step throughput" in capsys.readouterr().out
     print(f"bench_grpo tiny run: {time.perf_counter() - start:.1f} s")
-
-
-@pytest.mark.slow
-def test_tiny_run_of_the_vllm_engine(bg, tmp_path):
-    vllm_python()
-    start = time.perf_counter()
-    bg.main([*TINY, "--hpalign_engines", "vllm", "--out_dir", str(tmp_path)])
-    result = written_result(tmp_path, "grpo_lora_tiny-random-llama_cpu")
-    check_summaries(result, ["hpalign-vllm"])
-    assert result["meta"]["engines"] == {"hpalign-vllm": "vllm"} and result["meta"]["skipped"] == []
-    print(f"bench_grpo tiny vLLM run: {time.perf_counter() - start:.1f} s")

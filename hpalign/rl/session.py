@@ -341,6 +341,8 @@ def build_rollout_session(cfg: Config) -> RolloutSession:
     old_logprobs = old_logprobs_source(cfg.ppo.old_logprobs, needed=needs_old_logprobs(cfg), dtype=dtype,
                                        engine=engine_name)
     cfg.ppo.rollout_engine = engine_name
+    if old_logprobs != "none":  # recorded as decided (nothing reads the flag when none are needed)
+        cfg.ppo.old_logprobs = old_logprobs
     if distributed.is_main():  # the resolved config, every decision above included
         save_config(cfg, run_dir / "config.yaml")
     lora = None if cfg.tuning.sft_type == "full" else LoraSettings(
