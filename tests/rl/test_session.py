@@ -173,4 +173,4 @@ def test_builtin_task_settings_fill_only_what_the_user_left_unset():
     assert full.train.learning_rate == 1e-5 and full.tuning.lora_target_modules == ["DEFAULT"]
     ppo = _cfg()
     apply_builtin_task(ppo, engine="hf")
-    assert (ppo.train.max_steps, ppo.train.batch_size, ppo.ppo.response_length) == (14, 8, 53)
+    assert (ppo.train.max_steps, ppo.train.batch_size, ppo.ppo.response_length) == (24, 8, 53)
