@@ -160,6 +160,11 @@ class TrainConfig:
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Share of steps with linear warm-up, then cosine decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
+    max_nonfinite_steps: int = field(
+        default=3, metadata={"help": "An update whose loss or gradient is NaN or infinite is skipped (weights "
+                             "and optimizer state untouched) and counted; this many skipped updates in a row stop "
+                             "the run with an error naming the step and the last checkpoint before it (1: stop "
+                             "at the first)."})
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Recompute activations in backward to save memory (default: on with "
                                 "a GPU or full fine-tuning; with LoRA on CPU, on when micro-batches average 512 "
@@ -170,7 +175,11 @@ class TrainConfig:
     logging_steps: int = field(default=5, metadata={"help": "Log metrics every N steps."})
     save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
     resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "checkpoint directory, or `latest` for the newest in the run dir."})
+        default=None, metadata={"help": "A checkpoint directory, or `latest`: the newest complete checkpoint of "
+                                "--run_name, or without --run_name of the run under --output_dir (same --rlhf_type) "
+                                "that saved last. The run continues exactly: the batch plan (ranks, --batch_size, "
+                                "accumulation, data size, seed) must be the checkpoint's, later checkpoints move to "
+                                "superseded/, log lines after it are dropped."})
     deepspeed: str = field(
         default="zero0", metadata={"help": "zero0, zero2, zero3, zero3_offload, or a DeepSpeed JSON file."})
     report_to: list[str] = field(default_factory=lambda: ["none"], metadata={"help": "none, wandb, tensorboard."})
@@ -430,6 +439,7 @@ def _train_errors(t: TrainConfig) -> list[str]:
     if t.max_steps <= 0 and t.num_train_epochs <= 0:
         errors.append("nothing to train: set --num_train_epochs > 0 or --max_steps > 0.")
     _at_least(errors, "max_grad_norm", t.max_grad_norm, 0.0)
+    _at_least(errors, "max_nonfinite_steps", t.max_nonfinite_steps, 1)
     _at_least(errors, "logging_steps", t.logging_steps, 1)
     _at_least(errors, "save_steps", t.save_steps, 1)
     _at_least(errors, "eval_steps", t.eval_steps, 0)

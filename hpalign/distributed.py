@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -82,6 +83,14 @@ class Collectives:
         reduced = tensor.detach().clone()
         if self.layout.world_size > 1:
             dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        return reduced
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Elementwise max of `tensor` over ranks (a new tensor on `device`; the input is not modified)."""
+        self.check_device(tensor, "all_reduce")
+        reduced = tensor.detach().clone()
+        if self.layout.world_size > 1:
+            dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
         return reduced
 
     def barrier(self) -> None:
@@ -163,8 +172,42 @@ def sum_over_ranks(values: torch.Tensor | Sequence[float]) -> list[float]:
     return seam.all_reduce_sum(flat).tolist()
 
 
+def max_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """Elementwise max over ranks, on the tensor's own device (through the communication device,
+    without a host sync)."""
+    seam = collectives()
+    return seam.all_reduce_max(tensor.detach().to(seam.device)).to(tensor.device)
+
+
 def barrier() -> None:
     collectives().barrier()
+
+
+T = TypeVar("T")
+
+
+def run_main_first(work: Callable[[], T]) -> T:
+    """`work()` on global rank 0 first, then on each node's local rank 0, then on every other rank
+    (TRL's `global_then_local_main_first`): work that fills a cache runs once per cache the ranks
+    can read (once on a shared disk, once per node on node-local disks); the later ranks find it.
+
+    Every rank passes the same three barriers even when its `work` raises (the error is re-raised
+    after them), so a failure on rank 0 cannot leave the others waiting: they run `work` themselves
+    and fail with the same message. One rank: just `work()`.
+    """
+    place = _layout
+    turn = 0 if place.rank == 0 else 1 if place.local_rank == 0 else 2
+    result, error = None, None
+    for phase in range(3):
+        if phase == turn:
+            try:
+                result = work()
+            except Exception as err:  # re-raised after the barriers
+                error = err
+        barrier()
+    if error is not None:
+        raise error
+    return result
 
 
 def broadcast_object(value):

@@ -18,7 +18,7 @@ class MetricsLogger:
     """Append-only metrics sink; `log(step, metrics)` writes a jsonl line and forwards to trackers."""
 
     def __init__(self, run_dir: Path, *, report_to: list[str], config: dict[str, Any], enabled: bool,
-                 run_name: str):
+                 run_name: str, resumed_step: int = 0):
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self._tensorboard = None
@@ -28,7 +28,9 @@ class MetricsLogger:
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # A resumed run logs the steps after its checkpoint again: TensorBoard drops its older copies.
+            self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                              purge_step=resumed_step + 1 if resumed_step else None)
         if "wandb" in report_to:
             try:
                 import wandb
@@ -42,7 +44,7 @@ class MetricsLogger:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(record, allow_nan=False) + "\n")
         if self._tensorboard is not None:
             for name, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
@@ -65,7 +67,9 @@ class MetricsLogger:
 
 
 def _plain(value: Any) -> Any:
-    return float(value) if hasattr(value, "item") else value
+    """A JSON value: tensors become floats, NaN and infinities `null` (JSON has no NaN token)."""
+    value = float(value) if hasattr(value, "item") else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -100,7 +104,16 @@ def plot_training(metrics_path: Path, out_png: Path, *, series: tuple[str, ...] 
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(_finite_or_null(summary), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def _finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or infinite float, however deep, replaced by None."""
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return _plain(value) if isinstance(value, float) or hasattr(value, "item") else value
 
 
 def format_eval_table(before: dict[str, float] | None, after: dict[str, float]) -> str:

@@ -104,6 +104,8 @@ DRIVER = textwrap.dedent('''
             self.callers.update(frame.name for frame in traceback.extract_stack())
             return torch.zeros(tensor.shape, dtype=tensor.dtype)  # one rank of zeros: values unused
 
+        all_reduce_max = all_reduce_sum  # the non-finite guard's flags: zeros, every update applied
+
         def barrier(self):
             pass
 
@@ -120,17 +122,20 @@ DRIVER = textwrap.dedent('''
     distributed.init_distributed = init_with_fake_nccl
     code = run(build_config(sys.argv[1:]))
     print("CALLERS", sorted(FakeNccl.callers & {"reduce", "kl_reference_point", "preference_eval",
-                                                  "label_eval", "generation_eval"}))
+                                                  "label_eval", "generation_eval", "_guarded_step",
+                                                  "weights_are_finite"}))
     sys.exit(code)
 ''')
 
 
 @pytest.mark.slow
 def test_a_run_hands_every_collective_a_tensor_on_the_communication_device(tmp_path):
-    """Training steps (metric window, KTO's z0), held-out evaluation (pairs and KTO labels) and the
+    """Training steps (metric window, KTO's z0, the non-finite guard's flag and the finite-weights check
+    before the checkpoint), held-out evaluation (pairs and KTO labels) and the
     generation metric, on a backend that communicates somewhere other than where the model runs.
     KTO's run goes through every call site DPO's does, and more."""
-    expected = ["generation_eval", "kl_reference_point", "label_eval", "preference_eval", "reduce"]
+    expected = ["_guarded_step", "generation_eval", "kl_reference_point", "label_eval", "preference_eval", "reduce",
+                "weights_are_finite"]
     flags = ["--rlhf_type", "kto", *TINY_FLAGS, "--max_steps", "1", "--batch_size", "2", "--eval_before_train", "false",
              "--output_dir", str(tmp_path), "--run_name", "fake-nccl"]
     result = subprocess.run([sys.executable, "-c", DRIVER, *flags], cwd=REPO, capture_output=True, text=True,
@@ -138,3 +143,41 @@ def test_a_run_hands_every_collective_a_tensor_on_the_communication_device(tmp_p
                                               "DS_ACCELERATOR": "cpu", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-6000:]
     assert f"CALLERS {expected}" in result.stdout, result.stdout[-2000:]
+
+
+class RecordingBarrier(Collectives):
+    def __init__(self, layout, events):
+        super().__init__(layout)
+        self.events = events
+
+    def barrier(self):
+        self.events.append("barrier")
+
+
+@pytest.mark.parametrize("rank, local_rank, barriers_before", [(0, 0, 0), (4, 0, 1), (1, 1, 2), (5, 1, 2)])
+def test_run_main_first_orders_global_main_then_node_mains_then_the_rest(rank, local_rank, barriers_before):
+    events = []
+    layout = ProcessLayout(rank=rank, world_size=8, local_rank=local_rank)
+    distributed.set_layout(layout, RecordingBarrier(layout, events))
+    try:
+        assert distributed.run_main_first(lambda: events.append("work") or 42) == 42
+    finally:
+        distributed.set_layout(ProcessLayout())
+    assert events == ["barrier"] * barriers_before + ["work"] + ["barrier"] * (3 - barriers_before)
+
+
+def test_run_main_first_passes_every_barrier_before_raising():
+    events = []
+    layout = ProcessLayout(rank=0, world_size=2)
+    distributed.set_layout(layout, RecordingBarrier(layout, events))
+
+    def work():
+        events.append("work")
+        raise OSError("disk full")
+
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            distributed.run_main_first(work)
+    finally:
+        distributed.set_layout(ProcessLayout())
+    assert events == ["work", "barrier", "barrier", "barrier"]  # rank 1 is not left waiting

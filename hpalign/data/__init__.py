@@ -1,4 +1,5 @@
-"""Data: formats and validation, built-in emoji set, chat templates, padded and packed batches.
+"""Data: formats and validation, built-in emoji set, chat templates, tokenization (cached
+`datasets.map` at scale), padded and packed batches.
 
 Never imports deepspeed, peft or vllm.
 """
@@ -6,7 +7,8 @@ Never imports deepspeed, peft or vllm.
 from hpalign.data.builtin import BUILTIN_NAME, builtin_dataset, has_emoji, task_metric
 from hpalign.data.collate import SequenceBatch, pack_batch, pad_batch, plan_micro_batches, plan_rows
 from hpalign.data.formats import load_examples, split_examples
-from hpalign.data.templates import ChatTemplate, resolve_template, tokenize_examples
+from hpalign.data.templates import ChatTemplate, drop_identical_pairs, resolve_template, tokenize_examples
+from hpalign.data.token_cache import tokenize_cached
 from hpalign.data.types import (
     DataFormatError,
     KTOExample,
@@ -20,7 +22,7 @@ from hpalign.data.types import (
 
 __all__ = [
     "BUILTIN_NAME", "ChatTemplate", "DataFormatError", "KTOExample", "LoadReport", "Message",
-    "PreferenceExample", "SFTExample", "SequenceBatch", "TokenizedExample", "builtin_dataset", "has_emoji",
-    "load_examples", "pack_batch", "pad_batch", "pairs_to_kto", "plan_micro_batches", "plan_rows",
-    "resolve_template", "split_examples", "task_metric", "tokenize_examples",
+    "PreferenceExample", "SFTExample", "SequenceBatch", "TokenizedExample", "builtin_dataset", "drop_identical_pairs",
+    "has_emoji", "load_examples", "pack_batch", "pad_batch", "pairs_to_kto", "plan_micro_batches", "plan_rows",
+    "resolve_template", "split_examples", "task_metric", "tokenize_cached", "tokenize_examples",
 ]

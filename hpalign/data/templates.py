@@ -34,12 +34,22 @@ logger = logging.getLogger("hpalign")
 TEMPLATE_NAMES = ("auto", "chatml", "tokenizer")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 MIN_PROMPT_TOKENS = 8  # a response is cut only where it would leave fewer prompt tokens than this
+ENCODE_BATCH_SIZE = 1_000  # examples per tokenizer call: parallel enough, the texts of a batch stay small
 _SENTINEL = "\x00HPALIGN-RESPONSE\x00"
 _PROBE: list[Message] = [{"role": "user", "content": "Hi"}]
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _encode_all(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """`_encode` of each text in one tokenizer call: a fast tokenizer encodes the batch on all cores
+    (transformers sends a single `encode` through the same `encode_batch`, one text at a time)."""
+    if not texts:
+        return []
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [ids if isinstance(ids, list) else list(ids) for ids in encoded]
 
 
 def _special_tokens(tokenizer: Any) -> list[str]:
@@ -84,6 +94,16 @@ class ChatTemplate:
         """Token ids of the answer and its end-of-turn marker; the last id stops generation."""
         body = f"{self.response_prefix}{text}{self.response_suffix}"
         return _encode(self.tokenizer, body) + self.suffix_extra_ids
+
+    def encode_prompts(self, conversations: list[list[Message]]) -> list[list[int]]:
+        """`encode_prompt` of each conversation, in one tokenizer call."""
+        texts = [self.render_prompt(messages) for messages in conversations]
+        return [self.bos_ids + ids for ids in _encode_all(self.tokenizer, texts)]
+
+    def encode_responses(self, texts: list[str]) -> list[list[int]]:
+        """`encode_response` of each text, in one tokenizer call."""
+        bodies = [f"{self.response_prefix}{text}{self.response_suffix}" for text in texts]
+        return [ids + self.suffix_extra_ids for ids in _encode_all(self.tokenizer, bodies)]
 
 
 def _cut_after_stop(tail: str, specials: list[str]) -> tuple[str, str | None]:
@@ -178,8 +198,9 @@ def truncate_example(prompt_ids: list[int], responses: list[list[int]], max_leng
     return prompt_ids, responses, prompt_cut, response_cut
 
 
-def _texts(example: PreferenceExample | KTOExample | SFTExample | PromptExample
-           ) -> tuple[list[str], bool | None, float | None]:
+def example_texts(example: PreferenceExample | KTOExample | SFTExample | PromptExample
+                  ) -> tuple[list[str], bool | None, float | None]:
+    """(response texts in tokenized order, KTO label, RM margin) of an example."""
     if isinstance(example, PreferenceExample):
         return [example.chosen, example.rejected], None, example.margin
     if isinstance(example, KTOExample):
@@ -191,21 +212,72 @@ def _texts(example: PreferenceExample | KTOExample | SFTExample | PromptExample
     raise TypeError(f"cannot tokenize a {type(example).__name__}")
 
 
+Encoded = tuple[list[int], list[list[int]], bool, bool]  # prompt ids, responses, prompt cut, response cut
+
+
+def encode_examples(examples: list, template: ChatTemplate, *, max_length: int) -> list[Encoded]:
+    """Each example's templated token ids after `truncate_example`, and what the truncation cut;
+    all prompts in one tokenizer call, all responses in another."""
+    texts = [example_texts(example)[0] for example in examples]
+    prompts = template.encode_prompts([example.prompt for example in examples])
+    responses = iter(template.encode_responses([text for answers in texts for text in answers]))
+    return [truncate_example(prompt_ids, [next(responses) for _ in answers], max_length)
+            for prompt_ids, answers in zip(prompts, texts, strict=True)]
+
+
+def tokenized_example(example: PreferenceExample | KTOExample | SFTExample | PromptExample, encoded: Encoded,
+                      report: LoadReport) -> TokenizedExample:
+    """The `TokenizedExample` of `example` from its `encode_examples` entry, truncations counted."""
+    prompt_ids, responses, prompt_cut, response_cut = encoded
+    _, label, margin = example_texts(example)
+    report.num_truncated += int(prompt_cut)
+    report.num_truncated_response += int(response_cut)
+    return TokenizedExample(prompt_ids, responses, example.source, label=label, margin=margin,
+                            truncated=prompt_cut or response_cut)
+
+
+def check_max_length(max_length: int) -> None:
+    """A budget must leave room for `MIN_PROMPT_TOKENS` prompt tokens and some response."""
+    if max_length <= MIN_PROMPT_TOKENS:
+        raise ValueError(f"max_length must exceed {MIN_PROMPT_TOKENS} tokens, got {max_length}")
+
+
 def tokenize_examples(examples: list, template: ChatTemplate, *, max_length: int,
                       report: LoadReport) -> list[TokenizedExample]:
     """Template and tokenize pairs (responses [chosen, rejected]), KTO ([completion], label), SFT
     ([response]) and prompt ([]) examples; truncate by `truncate_example`, counting into `report`
     (`num_truncated`: prompt cut, `num_truncated_response`: a response cut). For prompt examples
-    `max_length` is the prompt budget (the caller leaves room for the sampled response)."""
-    if max_length <= MIN_PROMPT_TOKENS:
-        raise ValueError(f"max_length must exceed {MIN_PROMPT_TOKENS} tokens, got {max_length}")
+    `max_length` is the prompt budget (the caller leaves room for the sampled response).
+    In memory; `token_cache.tokenize_cached` gives the same through a cached `datasets.map`."""
+    check_max_length(max_length)
     tokenized = []
-    for example in examples:
-        texts, label, margin = _texts(example)
-        prompt_ids, responses, prompt_cut, response_cut = truncate_example(
-            template.encode_prompt(example.prompt), [template.encode_response(t) for t in texts], max_length)
-        report.num_truncated += int(prompt_cut)
-        report.num_truncated_response += int(response_cut)
-        tokenized.append(TokenizedExample(prompt_ids, responses, example.source, label=label, margin=margin,
-                                          truncated=prompt_cut or response_cut))
+    for start in range(0, len(examples), ENCODE_BATCH_SIZE):
+        chunk = examples[start: start + ENCODE_BATCH_SIZE]
+        encoded = encode_examples(chunk, template, max_length=max_length)
+        tokenized += [tokenized_example(example, entry, report)
+                      for example, entry in zip(chunk, encoded, strict=True)]
     return tokenized
+
+
+def drop_identical_pairs(examples: list[TokenizedExample], report: LoadReport) -> list[TokenizedExample]:
+    """Drop the pairs whose chosen and rejected tokens are identical, counted in
+    `report.num_identical_pairs` and named in `report.identical_pairs` ("path:LINE").
+
+    Identical tokens mean the same answer twice, or answers that differ only past the cut to
+    --max_length. Such a pair carries no preference: every pairwise objective (DPO and its IPO and
+    hinge forms, CPO, SimPO, ORPO's odds ratio, the RM's Bradley-Terry) is a function of
+    chosen-minus-rejected, which is then 0 whatever the weights, so its gradient is exactly zero and
+    the pair only dilutes the per-pair mean (and counts as a miss in held-out preference accuracy).
+    The whole example goes, so its NLL/SFT term (DPO's --rpo_alpha, CPO/SimPO's --cpo_alpha, ORPO's
+    NLL, the RM's reward centring) goes with it: the objectives average both terms over the same
+    pairs, and a row with two identical answers is usually a data error whose "chosen" answer is no
+    better attested than the pair (train on it with --rlhf_type sft if it is wanted).
+    """
+    kept = []
+    for example in examples:
+        if len(example.responses) == 2 and example.responses[0] == example.responses[1]:
+            report.num_identical_pairs += 1
+            report.identical_pairs.append(example.source)
+        else:
+            kept.append(example)
+    return kept

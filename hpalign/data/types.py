@@ -83,6 +83,8 @@ class LoadReport:
     num_truncated: int = 0
     num_truncated_response: int = 0
     num_dropped_responses: int = 0  # prompt kind: responses of pair/KTO/SFT rows left out
+    num_identical_pairs: int = 0  # pairs dropped: chosen and rejected tokens identical (no preference)
+    identical_pairs: list[str] = field(default_factory=list)  # their sources, for the log
 
 
 def pairs_to_kto(pairs: list[PreferenceExample]) -> list[KTOExample]:

@@ -19,6 +19,7 @@ from hpalign.models.loading import (
     load_policy,
     load_reference,
     load_tokenizer,
+    partitioned_loading,
     resolve_attn_impl,
     resolve_dtype,
 )
@@ -52,7 +53,7 @@ __all__ = [
     "load_reward_model", "split_reward_state_dict", "apply_lora", "base_causal_lm",
     "cache_root", "decoder_and_head", "decoder_of", "disable_dropout", "ensure_pad_token", "ensure_smollm2_cached", "frozen_copy",
     "hidden_size", "is_peft_model", "linear_module_names", "load_policy", "load_reference",
-    "load_tokenizer", "load_value_head", "lora_target_names", "reference_forward_context",
+    "load_tokenizer", "load_value_head", "lora_target_names", "partitioned_loading", "reference_forward_context",
     "resolve_attn_impl", "resolve_dtype", "resolve_model", "save_pretrained_weights",
     "save_value_head", "smollm2_gguf_path", "unwrap_model", "uses_adapter_reference",
 ]

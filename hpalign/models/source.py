@@ -170,7 +170,11 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("converting %s to %s once (about 15 s)", gguf, out_dir)
+    # transformers dequantises a GGUF file whole: it cannot be read partitioned. Only this one
+    # conversion holds the full model (in this process, once); ZeRO-3 runs load the cached
+    # directory partitioned like any other.
+    logger.info("converting %s to %s once (about 15 s; the whole model in this process, as GGUF cannot be "
+                "loaded partitioned: later loads read the cached directory, partitioned under ZeRO-3)", gguf, out_dir)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already dequantised; drop the GGUF quantizer so save_pretrained writes a

@@ -132,14 +132,19 @@ def value_from_reward(reward: RewardModel, lora: LoraSettings | None) -> tuple[R
 
 def build_ppo_models(*, model: str | None, ref_model: str | None, reward_model: str | None, dtype: torch.dtype,
                      attn_impl: str, gradient_checkpointing: bool, lora: LoraSettings | None, seed: int,
-                     no_dropout: bool, with_value: bool = True, with_reference: bool = True) -> PPOModelSet:
+                     no_dropout: bool, with_value: bool = True, with_reference: bool = True,
+                     zero3_config: dict | None = None) -> PPOModelSet:
     """The models of a rollout run (module docstring), every one on the CPU, frozen ones in eval mode.
     `with_value` False (the GRPO family): no value model, the reward model on its own;
-    `with_reference` False (no KL to the reference): no reference copy is made or loaded."""
-    policy = load_policy(model, dtype=dtype, attn_impl=attn_impl, gradient_checkpointing=gradient_checkpointing)
+    `with_reference` False (no KL to the reference): no reference copy is made or loaded.
+    Under ZeRO-3 (`zero3_config`) the policy, the reference (a second load, not a copy) and a fresh
+    value model are loaded partitioned; a reward model is loaded whole and partitioned by DeepSpeed
+    afterwards (its adapter is merged and the value model copied from it, which needs whole weights)."""
+    policy = load_policy(model, dtype=dtype, attn_impl=attn_impl, gradient_checkpointing=gradient_checkpointing,
+                         zero3_config=zero3_config)
     reference = None
-    if with_reference and ref_model:
-        reference = load_reference(ref_model, dtype=dtype, attn_impl=attn_impl)
+    if with_reference and (ref_model or (lora is None and zero3_config is not None)):
+        reference = load_reference(ref_model or model, dtype=dtype, attn_impl=attn_impl, zero3_config=zero3_config)
     elif with_reference and lora is None:
         reference = frozen_copy(policy)
     if lora is not None:
@@ -153,7 +158,8 @@ def build_ppo_models(*, model: str | None, ref_model: str | None, reward_model: 
             reward = loaded.eval().requires_grad_(False)
     elif with_value:
         value = fresh_value_model(model, dtype=dtype, attn_impl=attn_impl,
-                                  gradient_checkpointing=gradient_checkpointing, lora=lora, seed=seed)
+                                  gradient_checkpointing=gradient_checkpointing, lora=lora, seed=seed,
+                                  zero3_config=zero3_config)
     if value is not None:
         freeze_unused_lm_head(value)
         if gradient_checkpointing and not getattr(value.lm, "is_gradient_checkpointing", True):
@@ -166,12 +172,13 @@ def build_ppo_models(*, model: str | None, ref_model: str | None, reward_model: 
 
 
 def fresh_value_model(model: str | None, *, dtype: torch.dtype, attn_impl: str, gradient_checkpointing: bool,
-                      lora: LoraSettings | None, seed: int) -> RewardModel:
+                      lora: LoraSettings | None, seed: int, zero3_config: dict | None = None) -> RewardModel:
     """With rule rewards only: the value model starts from the policy's weights with a ZERO head, so
     V = 0 until the value loss has taught it something and the first advantages are the (whitened)
     discounted rewards themselves, not noise of a random projection of the hidden states (measured
     on SmolLM2: a random head's values pushed the policy's KL to 2.6 in 7 steps with no gain in reward)."""
-    value_lm = load_policy(model, dtype=dtype, attn_impl=attn_impl, gradient_checkpointing=gradient_checkpointing)
+    value_lm = load_policy(model, dtype=dtype, attn_impl=attn_impl, gradient_checkpointing=gradient_checkpointing,
+                           zero3_config=zero3_config)
     if lora is not None:
         value_lm = apply_lora(value_lm, targets=lora.targets, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
     value = RewardModel.with_new_head(value_lm, seed=seed)

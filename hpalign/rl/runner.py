@@ -24,6 +24,7 @@ from hpalign.rl import rewards as rule_rewards
 from hpalign.rl.loop import rollout_step
 from hpalign.rl.rollout import SamplingParams
 from hpalign.rl.session import RolloutSession, build_rollout_session, steps_between_samples
+from hpalign.train import nonfinite
 from hpalign.train.evaluate import shard_for_rank
 from hpalign.train.metrics import MetricWindow
 from hpalign.train.schedule import micro_batches_for_step
@@ -126,9 +127,14 @@ def write_samples(session: RolloutSession, step: int, metrics_logger: report.Met
 
 def save(session: RolloutSession, step: int, episode: int) -> None:
     cfg = session.cfg
+    modules = {"policy": session.policy_engine.module}
+    if session.value_engine is not None:
+        modules["value"] = session.value_engine.module
+    nonfinite.check_before_save(session.guards, modules, max_in_a_row=cfg.train.max_nonfinite_steps,
+                                run_dir=session.run_dir, step=step)
     state = {"global_step": step, "num_steps": session.num_steps, "episode": episode, "seed": cfg.train.seed,
              "rlhf_type": cfg.algorithm.rlhf_type, "model": cfg.model.model, "sft_type": cfg.tuning.sft_type,
-             "template": session.template.name}
+             "template": session.template.name, "plan": checkpoint.plan_state(session.plan, cfg.train.seed)}
     path = checkpoint.save_checkpoint(session.policy_engine, run_dir=session.run_dir, step=step,
                                       tokenizer=session.tokenizer, trainer_state=state,
                                       save_total_limit=cfg.train.save_total_limit,
@@ -146,7 +152,7 @@ def resume(session: RolloutSession) -> tuple[int, int]:
     spec = session.cfg.train.resume_from_checkpoint
     if not spec:
         return 0, 0
-    path = checkpoint.resolve_resume_path(spec, session.run_dir)
+    path = checkpoint.prepare_resume(spec, session.run_dir, checkpoint.plan_state(session.plan, session.cfg.train.seed))
     state = checkpoint.load_checkpoint(session.policy_engine, path, extra_engines=extra_engines(session))
     logger.info("resumed from %s at step %d", path, state["global_step"])
     return int(state["global_step"]), int(state.get("episode", 0))
@@ -162,11 +168,17 @@ def train(session: RolloutSession, metrics_logger: report.MetricsLogger, *, star
     started, episodes_at_start = time.time(), episode
     for step in range(start_step, session.num_steps):
         indices, positions = step_prompts(session, step)
+        for guard in session.guards.values():
+            guard.begin_step(step + 1)
         output = rollout_step(objective=session.objective, rollout_engine=session.rollout_engine,
                               scoring=session.scoring, prompt_ids=[session.data.train[i].prompt_ids for i in indices],
                               prompts=[session.data.train_prompts[i] for i in indices], positions=positions,
                               settings=session.settings, collate=session.collate, decode=decode, seed=cfg.train.seed,
                               step=step)
+        for guard in session.guards.values():
+            guard.end_step()
+        readings = nonfinite.stop_if_failing(session.guards, max_in_a_row=cfg.train.max_nonfinite_steps,
+                                             run_dir=session.run_dir)
         episode += output.num_episodes
         output.metrics.update({"episode": episode,
                                "eps": (episode - episodes_at_start) / max(time.time() - started, 1e-9)})
@@ -178,6 +190,7 @@ def train(session: RolloutSession, metrics_logger: report.MetricsLogger, *, star
             for name in LATEST:
                 if name in output.metrics:
                     averaged[name] = output.metrics[name]
+            averaged.update({f"{name}/skipped_updates": float(r.num_skipped) for name, r in readings.items()})
             metrics_logger.log(done, averaged)
             bar.set_postfix({name.split("/")[-1]: f"{averaged[name]:.3f}" for name in session.objective.progress})
         if sample_every and done % sample_every == 0:
@@ -196,7 +209,8 @@ def run_rollouts(cfg: Config) -> int:
     session = build_rollout_session(cfg)
     start_step, episode = resume(session)
     metrics_logger = report.MetricsLogger(session.run_dir, report_to=cfg.train.report_to, config=cfg.to_dict(),
-                                          enabled=distributed.is_main(), run_name=session.run_dir.name)
+                                          enabled=distributed.is_main(), run_name=session.run_dir.name,
+                                          resumed_step=start_step)
     before = evaluate(session) if cfg.train.eval_before_train and start_step == 0 else None
     if before is not None:
         metrics_logger.log(0, before)

@@ -27,6 +27,7 @@ from hpalign.rl.scoring import ScoringPasses
 from hpalign.train import engine as engine_lib
 from hpalign.train.datasets import PreparedData, prepare_data
 from hpalign.train.forward import reward_stats, token_stats, token_values
+from hpalign.train.nonfinite import NonFiniteGuard
 from hpalign.train.schedule import BatchPlan, total_steps
 from hpalign.train.session import (
     CHECKPOINT_MIN_TOKENS,
@@ -34,7 +35,9 @@ from hpalign.train.session import (
     check_models_on_device,
     make_collate,
     make_run_dir,
+    run_deepspeed_config,
     setup_logging,
+    zero3_loading_config,
 )
 
 logger = logging.getLogger("hpalign")
@@ -63,6 +66,7 @@ class RolloutSession:
     plan: BatchPlan  # prompts per step: prompts per rank x ranks
     num_steps: int
     collate: object
+    guards: dict[str, NonFiniteGuard]  # per trainable engine ("policy", "value"): skipped non-finite updates
 
 
 # The built-in task (no --dataset, no reward model): the built-in set's arithmetic questions, graded by
@@ -353,7 +357,8 @@ def build_rollout_session(cfg: Config) -> RolloutSession:
                               reward_model=cfg.ppo.reward_model_id_or_path, dtype=dtype, attn_impl=cfg.model.attn_impl,
                               gradient_checkpointing=cfg.train.gradient_checkpointing, lora=lora, seed=cfg.train.seed,
                               no_dropout=cfg.train.disable_dropout, with_value=not critic_free,
-                              with_reference=with_reference)
+                              with_reference=with_reference,
+                              zero3_config=zero3_loading_config(run_deepspeed_config(cfg, dtype)))
     check_reward_tokenizer(tokenizer, models.reward_tokenizer_dir)
     if cfg.data.packing:
         backend = varlen_backend(cfg.model.attn_impl)
@@ -367,8 +372,8 @@ def build_rollout_session(cfg: Config) -> RolloutSession:
     plan = BatchPlan(len(data.train), settings.prompts_per_rank, 1, world)
     num_steps = total_steps(plan, num_train_epochs=cfg.train.num_train_epochs, max_steps=cfg.train.max_steps)
     optimizer_steps = num_steps * settings.num_epochs * settings.num_mini_batches
-    policy_engine, value_engine, reference, reward = build_engines(cfg, models, dtype=dtype,
-                                                                   optimizer_steps=optimizer_steps)
+    (policy_engine, value_engine, reference, reward), guards = build_engines(cfg, models, dtype=dtype,
+                                                                             optimizer_steps=optimizer_steps)
     models.reward = reward
     check_models_on_device({"policy": policy_engine.module, "value": value_engine and value_engine.module,
                             "reference": reference, "reward": reward}, distributed.layout().device)
@@ -394,21 +399,22 @@ def build_rollout_session(cfg: Config) -> RolloutSession:
     return RolloutSession(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, template=template, data=data,
                           policy_engine=policy_engine, value_engine=value_engine, rollout_engine=rollout_engine,
                           scoring=scoring, objective=objective, settings=settings, plan=plan, num_steps=num_steps,
-                          collate=collate)
+                          collate=collate, guards=guards)
 
 
 def build_engines(cfg: Config, models: PPOModelSet, *, dtype: torch.dtype, optimizer_steps: int):
-    """(policy engine, value engine or None, frozen reference or None, frozen reward model or None)."""
+    """((policy engine, value engine or None, frozen reference or None, frozen reward model or None),
+    the trainable engines' non-finite guards by name)."""
     ds_config = engine_lib.deepspeed_config(
         cfg.train.deepspeed, micro_batch_size=cfg.train.batch_size,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         max_grad_norm=cfg.train.max_grad_norm, dtype=dtype)
-    engines = []
-    for model in (models.policy, models.value):
+    engines, guards = [], {}
+    for name, model in (("policy", models.policy), ("value", models.value)):
         if model is None:
             engines.append(None)
             continue
-        engine, _, _ = engine_lib.build_engine(
+        engine, guards[name] = engine_lib.build_engine(
             model, ds_config=ds_config, learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
             betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), num_training_steps=optimizer_steps,
             warmup_ratio=cfg.train.warmup_ratio)
@@ -421,7 +427,7 @@ def build_engines(cfg: Config, models: PPOModelSet, *, dtype: torch.dtype, optim
         reward = engine_lib.build_frozen_engine(models.reward, ds_config=ds_config, device=device)
     if models.reward_head is not None:
         models.reward_head.to(device)
-    return engines[0], engines[1], reference, reward
+    return (engines[0], engines[1], reference, reward), guards
 
 
 def steps_between_samples(num_steps: int, num_sample_generations: int) -> int:

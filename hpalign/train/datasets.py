@@ -1,12 +1,21 @@
-"""Turn the data flags into tokenized train / held-out sets, logging everything that was changed."""
+"""Turn the data flags into tokenized train / held-out sets, logging everything that was changed.
+
+Every rank parses and validates the rows (a bad row stops every rank with the same message); the
+tokenization runs through `data.token_cache` on rank 0 first, then on each node's first rank, and
+the other ranks read its cache ($HPALIGN_CACHE/tokenized, see `distributed.run_main_first`).
+Pairs whose chosen and rejected tokens are identical are dropped and counted
+(`templates.drop_identical_pairs`).
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from hpalign import distributed
 from hpalign.config import Config
-from hpalign.data import builtin, formats, templates
+from hpalign.data import builtin, formats, templates, token_cache
 from hpalign.data.types import LoadReport, TokenizedExample
 
 logger = logging.getLogger("hpalign")
@@ -49,15 +58,39 @@ def token_budget(cfg: Config, kind: str) -> int:
     return cfg.data.max_length
 
 
-def prepare_data(cfg: Config, kind: str, template: templates.ChatTemplate) -> PreparedData:
+def token_cache_dir() -> Path:
+    """Where tokenized data sets are cached: $HPALIGN_CACHE/tokenized (see `models.cache_root`)."""
+    from hpalign.models import cache_root
+
+    return cache_root() / "tokenized"
+
+
+def tokenize_sets(sets: list[list], template: templates.ChatTemplate, *, max_length: int, report: LoadReport,
+                  cache_dir: Path | None) -> list[list[TokenizedExample]]:
+    """Each list of examples tokenized (`token_cache.tokenize_cached`), rank 0 first, the others reading
+    its cache; truncations counted into `report` once per rank."""
+    def work() -> list[list[TokenizedExample]]:
+        return [token_cache.tokenize_cached(examples, template, max_length=max_length, report=report,
+                                            cache_dir=cache_dir) for examples in sets]
+
+    return distributed.run_main_first(work)
+
+
+def prepare_data(cfg: Config, kind: str, template: templates.ChatTemplate, *,
+                 cache_dir: Path | None = None) -> PreparedData:
+    """Load, validate, split and tokenize the data of `kind`; `cache_dir` defaults to `token_cache_dir()`.
+    Pair data loses its identical pairs (counted, logged with their sources)."""
     report = LoadReport()
     train_raw, val_raw, is_builtin = load_raw(cfg, kind, report)
     budget = token_budget(cfg, kind)
-    train = templates.tokenize_examples(train_raw, template, max_length=budget, report=report)
-    val_report = LoadReport()
-    val = templates.tokenize_examples(val_raw, template, max_length=budget, report=val_report)
-    report.num_truncated += val_report.num_truncated
-    report.num_truncated_response += val_report.num_truncated_response
+    train, val = tokenize_sets([train_raw, val_raw], template, max_length=budget, report=report,
+                               cache_dir=cache_dir or token_cache_dir())
+    if kind == "pair":
+        train, val = (templates.drop_identical_pairs(part, report) for part in (train, val))
+        if train_raw and not train:
+            raise ValueError(f"all {len(train_raw)} training pairs have identical chosen and rejected answers "
+                             f"(after truncation to {budget} tokens): nothing to learn a preference from "
+                             f"(first: {report.identical_pairs[:3]})")
     _log_report(report, len(train), len(val))
     prompts = _unique_prompts(val_raw)[: cfg.data.num_eval_generations]
     val_pairs = val if kind == "pair" else []
@@ -88,6 +121,10 @@ def _log_report(report: LoadReport, num_train: int, num_val: int) -> None:
     if report.num_dropped_responses:
         logger.info("data: dropped %d responses of pair/KTO/SFT rows (prompt-only data: PPO samples its own)",
                     report.num_dropped_responses)
+    if report.num_identical_pairs:
+        logger.warning("data: dropped %d pairs whose chosen and rejected answers are identical (no preference "
+                       "to learn; their NLL term goes with them): %s%s", report.num_identical_pairs,
+                       "; ".join(report.identical_pairs[:5]), " ..." if len(report.identical_pairs) > 5 else "")
     if report.num_truncated or report.num_truncated_response:
         logger.warning("data: %d examples lost prompt tokens from the left and %d had their response cut "
                        "to fit --max_length", report.num_truncated, report.num_truncated_response)

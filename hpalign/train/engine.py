@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from hpalign import distributed
+from hpalign.train.nonfinite import NonFiniteGuard
 
 ZERO_PRESETS: dict[str, dict[str, Any]] = {
     "zero0": {"stage": 0},
@@ -73,8 +74,9 @@ def warmup_cosine(step: int, *, num_warmup_steps: int, num_training_steps: int) 
 
 def build_engine(model: torch.nn.Module, *, ds_config: dict[str, Any], learning_rate: float,
                  weight_decay: float, betas: tuple[float, float], num_training_steps: int,
-                 warmup_ratio: float):
-    """Wrap the trainable model in a DeepSpeed engine with AdamW and the warm-up/cosine schedule."""
+                 warmup_ratio: float) -> tuple[Any, NonFiniteGuard]:
+    """Wrap the trainable model in a DeepSpeed engine with AdamW and the warm-up/cosine schedule;
+    its optimizer skips updates whose loss or gradient is not finite (the returned guard counts them)."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -85,13 +87,16 @@ def build_engine(model: torch.nn.Module, *, ds_config: dict[str, Any], learning_
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, num_warmup_steps=num_warmup,
                                               num_training_steps=num_training_steps))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    # DeepSpeed wraps the optimizer (ZeRO, bf16) and calls its `step` with the fp32 gradients: the guard sits there.
+    engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     if zero_stage(ds_config) == 0 and distributed.world_size() == 1:
         # Nothing to all-reduce, but DeepSpeed's fallback would still flatten every gradient into a
         # bucket: a second copy of all gradients at the peak (540 MB for full SmolLM2-135M).
         engine.enable_backward_allreduce = False
-    return engine, optimizer, scheduler
+    # fp16's dynamic loss scale skips overflowing steps by design: those are not counted as failures.
+    guard = NonFiniteGuard(engine, optimizer, count_deepspeed_skips=not ds_config["fp16"]["enabled"])
+    return engine, guard
 
 
 def _fused_adamw_supported(params: list[torch.Tensor]) -> bool:

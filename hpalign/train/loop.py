@@ -24,6 +24,7 @@ from hpalign.data.types import TokenizedExample
 from hpalign.stats import SequenceStats, StepCounts
 from hpalign.train import engine as engine_lib
 from hpalign.train import kto
+from hpalign.train.nonfinite import NonFiniteGuard
 from hpalign.train.schedule import BatchPlan, all_step_indices, micro_batches_for_step
 
 logger = logging.getLogger("hpalign")
@@ -77,10 +78,11 @@ class PhaseTimer:
 def train_step(engine, *, algorithm: Algorithm, params, micro_batches: list[SequenceBatch],
                counts: StepCounts, policy_stats: Callable[[SequenceBatch], SequenceStats],
                reference_stats: Callable[[SequenceBatch], SequenceStats] | None,
-               timer: PhaseTimer) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+               timer: PhaseTimer, guard: NonFiniteGuard) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Forward/backward every micro-batch of one optimizer step. Returns this rank's metric sums
     (tensors on the rank's device: nothing is synchronised here) and the global gradient norm
-    before clipping (None when DeepSpeed was told not to compute it)."""
+    before clipping (None when DeepSpeed was told not to compute it). `guard` sees every loss: the
+    update is skipped (on the device) when one of them or a gradient is not finite."""
     # DeepSpeed divides each backward by the accumulation steps and averages gradients over ranks;
     # our loss is already a share of the global mean, so undo both to get exactly the big-batch gradient.
     scale = engine.gradient_accumulation_steps() * distributed.layout().data_parallel_size
@@ -92,6 +94,7 @@ def train_step(engine, *, algorithm: Algorithm, params, micro_batches: list[Sequ
         policy = policy_stats(batch)
         loss, metrics = algorithm.objective(policy, reference, counts, params)
         timer.lap("policy_forward")
+        guard.note_loss(loss)
         engine.backward(loss * scale)
         timer.lap("backward")
         boundary = engine.is_gradient_accumulation_boundary()
@@ -138,14 +141,16 @@ def with_example_ids(batch: SequenceBatch, indices: list[int]) -> SequenceBatch:
 STEP_HOOKS: dict[str, StepHook] = {"kto": kto.prepare_step}
 
 
-def run_step(engine, *, algorithm: Algorithm, params, plan: BatchPlan, step: int, seed: int, max_length: int,
-             examples: list[TokenizedExample], collate: Callable[[list[TokenizedExample]], SequenceBatch],
+def run_step(engine, *, guard: NonFiniteGuard, algorithm: Algorithm, params, plan: BatchPlan, step: int, seed: int,
+             max_length: int, examples: list[TokenizedExample],
+             collate: Callable[[list[TokenizedExample]], SequenceBatch],
              policy_stats, reference_stats, table_reference_stats=None) -> StepResult:
-    """One optimizer step. `params`: the algorithm's hyper-parameters; `seed` orders the data;
+    """One optimizer step (0-based `step`). `params`: the algorithm's hyper-parameters; `seed` orders the data;
     `reference_stats` is the live reference; `table_reference_stats`, when given, serves the
     training rows from --precompute_ref_log_probs' table instead."""
     start = time.perf_counter()
     timer = PhaseTimer(engine.device)
+    guard.begin_step(step + 1)
     global_indices = all_step_indices(plan, step, seed=seed)
     counts = step_counts(examples, global_indices)
     rank = distributed.layout().data_parallel_rank
@@ -164,7 +169,8 @@ def run_step(engine, *, algorithm: Algorithm, params, plan: BatchPlan, step: int
         reference_stats = table_reference_stats
     sums, grad_norm = train_step(engine, algorithm=algorithm, params=params, micro_batches=micro_batches,
                                  counts=counts, policy_stats=policy_stats, reference_stats=reference_stats,
-                                 timer=timer)
+                                 timer=timer, guard=guard)
+    guard.end_step()
     # Throughput counts the data's tokens (prompt + response per sequence, as a padded trainer counts
     # its non-pad tokens); the share actually computed is below 1 when prompts are shared.
     # Every rank knows the global data-token count; the computed tokens are this rank's (summed).

@@ -18,6 +18,7 @@ from hpalign import checkpoint, distributed, report
 from hpalign.config import Config
 from hpalign.data import builtin
 from hpalign.hyperparams import ROLLOUT_TYPES
+from hpalign.train import nonfinite
 from hpalign.train.evaluate import generation_eval, label_eval, preference_eval
 from hpalign.train.kto import mismatched_completion
 from hpalign.train.loop import TrainState, finish_window, run_step
@@ -147,7 +148,7 @@ def train(session: Session, state: TrainState, metrics_logger: report.MetricsLog
                disable=not distributed.is_main(), dynamic_ncols=True)
     window = MetricWindow()  # the steps since the last log line, reduced over ranks once per line
     while state.global_step < session.num_steps:
-        result = run_step(session.engine, algorithm=session.algorithm, params=session.params, plan=session.plan,
+        result = run_step(session.engine, guard=session.guard, algorithm=session.algorithm, params=session.params, plan=session.plan,
                           step=state.global_step, seed=cfg.train.seed, max_length=cfg.data.max_length,
                           examples=session.data.train, collate=collate_examples,
                           policy_stats=policy_stats, reference_stats=reference_stats,
@@ -157,8 +158,11 @@ def train(session: Session, state: TrainState, metrics_logger: report.MetricsLog
         window.add_step(sums=result.sums, shared=result.shared,
                         host={**result.host, "train/epoch": step / session.plan.steps_per_epoch})
         bar.update(1)
+        readings = nonfinite.stop_if_failing({"policy": session.guard}, max_in_a_row=cfg.train.max_nonfinite_steps,
+                                             run_dir=session.run_dir)
         if step % cfg.train.logging_steps == 0 or step == session.num_steps:
             averaged = finish_window(window.reduce())
+            averaged["train/skipped_updates"] = float(readings["policy"].num_skipped)
             metrics_logger.log(step, averaged)
             state.history.append({"step": step, **averaged})
             bar.set_postfix(loss=f"{averaged['train/loss']:.4f}", tok_s=f"{averaged['train/tokens_per_second']:.0f}")
@@ -172,11 +176,15 @@ def train(session: Session, state: TrainState, metrics_logger: report.MetricsLog
 
 
 def save(session: Session, state: TrainState) -> Path:
+    nonfinite.check_before_save({"policy": session.guard}, {"policy": session.engine.module},
+                                max_in_a_row=session.cfg.train.max_nonfinite_steps, run_dir=session.run_dir,
+                                step=state.global_step)
     trainer_state = {"global_step": state.global_step, "num_steps": session.num_steps,
                      "epoch": state.global_step / session.plan.steps_per_epoch,
                      "steps_per_epoch": session.plan.steps_per_epoch, "seed": session.cfg.train.seed,
                      "rlhf_type": session.cfg.algorithm.rlhf_type, "model": session.cfg.model.model,
-                     "sft_type": session.cfg.tuning.sft_type, "template": session.template.name}
+                     "sft_type": session.cfg.tuning.sft_type, "template": session.template.name,
+                     "plan": checkpoint.plan_state(session.plan, session.cfg.train.seed)}
     path = checkpoint.save_checkpoint(
         session.engine, run_dir=session.run_dir, step=state.global_step, tokenizer=session.tokenizer,
         trainer_state=trainer_state, save_total_limit=session.cfg.train.save_total_limit)
@@ -188,7 +196,7 @@ def resume(session: Session, state: TrainState) -> None:
     spec = session.cfg.train.resume_from_checkpoint
     if not spec:
         return
-    path = checkpoint.resolve_resume_path(spec, session.run_dir)
+    path = checkpoint.prepare_resume(spec, session.run_dir, checkpoint.plan_state(session.plan, session.cfg.train.seed))
     trainer_state = checkpoint.load_checkpoint(session.engine, path)
     state.global_step = state.start_step = int(trainer_state["global_step"])
     logger.info("resumed from %s at step %d", path, state.global_step)
@@ -211,7 +219,8 @@ def run(cfg: Config) -> int:
         precompute_reference(session)
     metrics_logger = report.MetricsLogger(session.run_dir, report_to=cfg.train.report_to,
                                           config=cfg.to_dict(), enabled=distributed.is_main(),
-                                          run_name=session.run_dir.name)
+                                          run_name=session.run_dir.name,
+                                          resumed_step=state.global_step)
     before = None
     if cfg.train.eval_before_train and state.global_step == 0:
         before, samples = evaluate(session)

@@ -8,10 +8,16 @@ examples per step as micro-batch 4 x accumulation 1.
 
 When the data set is not a multiple of the global batch, the last step of an epoch wraps around to
 the start of the same permutation; `num_wrapped_per_epoch` reports how many examples that repeats.
+
+The permutation of an epoch is drawn once per process and kept (`epoch_order`), not once per rank
+per step: the loop asks for every rank's share (`all_step_indices`, for the global counts) and its
+own micro-batches on every step, and a randperm of a million examples costs milliseconds each time.
 """
 
 from __future__ import annotations
 
+import array
+import functools
 import math
 from dataclasses import dataclass
 
@@ -39,8 +45,18 @@ class BatchPlan:
 
 
 def epoch_permutation(num_examples: int, *, seed: int, epoch: int) -> list[int]:
+    """The order of the examples in `epoch`: a randperm seeded by (seed, epoch) alone."""
+    return list(epoch_order(num_examples, seed=seed, epoch=epoch))
+
+
+@functools.lru_cache(maxsize=2)  # the training epoch's, and one other plan's without thrashing
+def epoch_order(num_examples: int, *, seed: int, epoch: int) -> array.array:
+    """`epoch_permutation`, drawn once per (num_examples, seed, epoch) and kept: 8 bytes an
+    example, indexing gives Python ints. Shared: read it, never modify it."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(num_examples, generator=generator).tolist()
+    order = array.array("q")
+    order.frombytes(torch.randperm(num_examples, generator=generator).numpy().tobytes())
+    return order
 
 
 def total_steps(plan: BatchPlan, *, num_train_epochs: float, max_steps: int) -> int:
@@ -49,18 +65,23 @@ def total_steps(plan: BatchPlan, *, num_train_epochs: float, max_steps: int) -> 
     return max(1, math.ceil(num_train_epochs * plan.steps_per_epoch))
 
 
+def _positions(plan: BatchPlan, global_step: int, *, seed: int, start: int, count: int) -> list[int]:
+    """Example indices at positions start .. start + count of the step's global batch."""
+    epoch, step_in_epoch = divmod(global_step, plan.steps_per_epoch)
+    order = epoch_order(plan.num_examples, seed=seed, epoch=epoch)
+    first = step_in_epoch * plan.global_batch + start
+    return [order[p % plan.num_examples] for p in range(first, first + count)]
+
+
 def micro_batches_for_step(plan: BatchPlan, global_step: int, *, seed: int, rank: int) -> list[list[int]]:
     """Example indices of each of this rank's micro-batches for optimizer step `global_step` (0-based)."""
-    epoch, step_in_epoch = divmod(global_step, plan.steps_per_epoch)
-    order = epoch_permutation(plan.num_examples, seed=seed, epoch=epoch)
-    start = step_in_epoch * plan.global_batch + rank * plan.micro_batch_size * plan.accumulation
-    positions = range(start, start + plan.micro_batch_size * plan.accumulation)
-    indices = [order[p % plan.num_examples] for p in positions]
+    per_rank = plan.micro_batch_size * plan.accumulation
+    indices = _positions(plan, global_step, seed=seed, start=rank * per_rank, count=per_rank)
     size = plan.micro_batch_size
     return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
 def all_step_indices(plan: BatchPlan, global_step: int, *, seed: int) -> list[int]:
-    """Every example index of the global batch of `global_step` (all ranks), for global counts."""
-    return [i for r in range(plan.world_size)
-            for mb in micro_batches_for_step(plan, global_step, seed=seed, rank=r) for i in mb]
+    """Every example index of the global batch of `global_step` (all ranks, rank 0's first), for
+    global counts: the concatenation of every rank's `micro_batches_for_step`."""
+    return _positions(plan, global_step, seed=seed, start=0, count=plan.global_batch)

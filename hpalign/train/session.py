@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from hpalign import distributed
+from hpalign import checkpoint, distributed
 from hpalign.algorithms import Algorithm, get_algorithm
 from hpalign.config import Config, save_config, unused_flag_warnings
 from hpalign.data import collate, templates
@@ -24,6 +24,7 @@ from hpalign.models import (
     disable_dropout,
     frozen_copy,
     load_policy,
+    load_reference,
     load_tokenizer,
     resolve_dtype,
     uses_adapter_reference,
@@ -34,6 +35,7 @@ from hpalign.train import engine as engine_lib
 from hpalign.train.datasets import PreparedData, prepare_data
 from hpalign.train.forward import response_token_counts, reward_stats, sequence_stats
 from hpalign.train.loop import with_example_ids
+from hpalign.train.nonfinite import NonFiniteGuard
 from hpalign.train.schedule import BatchPlan, total_steps
 
 logger = logging.getLogger("hpalign")
@@ -51,6 +53,7 @@ class Session:
     template: templates.ChatTemplate
     data: PreparedData
     engine: object
+    guard: NonFiniteGuard  # skips and counts the policy's non-finite updates
     reference: torch.nn.Module | None  # None: adapter-disabled policy, or no reference needed
     packed: bool
     plan: BatchPlan
@@ -79,6 +82,8 @@ def make_run_dir(cfg: Config) -> Path:
     if cfg.train.resume_from_checkpoint and cfg.train.resume_from_checkpoint != "latest":
         return Path(cfg.train.resume_from_checkpoint).resolve().parent
     name = cfg.train.run_name or f"{cfg.algorithm.rlhf_type}-{datetime.now():%Y%m%d-%H%M%S}"
+    if cfg.train.resume_from_checkpoint == "latest" and not cfg.train.run_name:  # not a new time stamp
+        name = checkpoint.latest_run_dir(Path(cfg.train.output_dir), cfg.algorithm.rlhf_type).name
     name = distributed.broadcast_object(name)
     run_dir = Path(cfg.train.output_dir) / name
     if distributed.is_main():
@@ -111,16 +116,21 @@ def decide_gradient_checkpointing(cfg: Config, examples: list) -> bool:
     return enabled
 
 
-def build_models(cfg: Config, algorithm: Algorithm, dtype: torch.dtype):
+def build_models(cfg: Config, algorithm: Algorithm, dtype: torch.dtype, *, zero3_config: dict | None = None):
     """(policy, frozen reference or None). With LoRA the reference is the policy with the adapter
-    off, so no second copy exists; full fine-tuning keeps a frozen copy of the starting weights."""
+    off, so no second copy exists; full fine-tuning keeps a frozen copy of the starting weights.
+    Under ZeRO-3 (`zero3_config`) both are loaded partitioned, the reference by a second load of
+    `--model`: no rank ever holds a whole model."""
     attn_impl = cfg.model.attn_impl
     policy = load_policy(cfg.model.model, dtype=dtype, attn_impl=attn_impl,
-                         gradient_checkpointing=cfg.train.gradient_checkpointing)
+                         gradient_checkpointing=cfg.train.gradient_checkpointing, zero3_config=zero3_config)
     reference = None
     if algorithm.needs_reference and (cfg.tuning.sft_type == "full" or cfg.model.ref_model):
-        source = load_policy(cfg.model.ref_model, dtype=dtype, attn_impl=attn_impl) if cfg.model.ref_model else policy
-        reference = frozen_copy(source)
+        if cfg.model.ref_model or zero3_config is not None:
+            reference = load_reference(cfg.model.ref_model or cfg.model.model, dtype=dtype, attn_impl=attn_impl,
+                                       zero3_config=zero3_config)
+        else:
+            reference = frozen_copy(policy)
     if cfg.tuning.sft_type == "lora":
         policy = apply_lora(policy, targets=cfg.tuning.lora_target_modules, rank=cfg.tuning.lora_rank,
                             alpha=cfg.tuning.lora_alpha, dropout=cfg.tuning.lora_dropout)
@@ -129,6 +139,19 @@ def build_models(cfg: Config, algorithm: Algorithm, dtype: torch.dtype):
     if cfg.train.disable_dropout:
         switch_dropout_off(policy, reference, cfg)
     return policy, reference
+
+
+def run_deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict:
+    """The DeepSpeed config of this run's flags: what the engines are built with and models loaded with."""
+    return engine_lib.deepspeed_config(
+        cfg.train.deepspeed, micro_batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        max_grad_norm=cfg.train.max_grad_norm, dtype=dtype)
+
+
+def zero3_loading_config(ds_config: dict) -> dict | None:
+    """`ds_config` under ZeRO-3, where models are loaded partitioned (`models.partitioned_loading`), else None."""
+    return ds_config if engine_lib.zero_stage(ds_config) == 3 else None
 
 
 def decide_disable_dropout(cfg: Config, algorithm: Algorithm) -> bool:
@@ -216,7 +239,8 @@ def build_session(cfg: Config) -> Session:
     cfg.train.disable_dropout = decide_disable_dropout(cfg, algorithm)
     if distributed.is_main():  # the resolved config, every decision above included
         save_config(cfg, run_dir / "config.yaml")
-    policy, reference = build_models(cfg, algorithm, dtype)
+    ds_config = run_deepspeed_config(cfg, dtype)
+    policy, reference = build_models(cfg, algorithm, dtype, zero3_config=zero3_loading_config(ds_config))
     packed = cfg.data.packing
     if packed:
         backend = varlen_backend(cfg.model.attn_impl)
@@ -231,11 +255,7 @@ def build_session(cfg: Config) -> Session:
         logger.info("data: %d examples do not fill the last global batch of %d; it wraps around and "
                     "repeats %d examples of the epoch", len(data.train), plan.global_batch,
                     plan.num_wrapped_per_epoch)
-    ds_config = engine_lib.deepspeed_config(
-        cfg.train.deepspeed, micro_batch_size=cfg.train.batch_size,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        max_grad_norm=cfg.train.max_grad_norm, dtype=dtype)
-    engine, _, _ = engine_lib.build_engine(
+    engine, guard = engine_lib.build_engine(
         policy, ds_config=ds_config, learning_rate=cfg.train.learning_rate,
         weight_decay=cfg.train.weight_decay, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
         num_training_steps=num_steps, warmup_ratio=cfg.train.warmup_ratio)
@@ -243,7 +263,8 @@ def build_session(cfg: Config) -> Session:
     if reference is not None:
         reference = engine_lib.build_frozen_engine(reference, ds_config=ds_config, device=device)
     check_models_on_device({"policy": engine.module, "reference": reference}, device)
-    return Session(cfg, algorithm, make_params(algorithm.name, cfg.algorithm), run_dir, tokenizer, template, data, engine, reference, packed, plan, num_steps)
+    return Session(cfg, algorithm, make_params(algorithm.name, cfg.algorithm), run_dir, tokenizer, template, data,
+                   engine, guard, reference, packed, plan, num_steps)
 
 
 def check_models_on_device(models: dict[str, torch.nn.Module | None], device: torch.device) -> None:

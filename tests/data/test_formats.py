@@ -90,6 +90,7 @@ def test_hh_rlhf_raw_text_multi_turn(tmp_path):
 
 
 def test_chosen_identical_to_rejected_is_allowed(tmp_path):
+    # loading keeps the row; pair training drops it, counted (tests/train/test_datasets.py)
     [ex] = load_one(tmp_path, {"prompt": "Hi", "chosen": "Same", "rejected": "Same"})
     assert ex.chosen == ex.rejected == "Same"
 

@@ -263,3 +263,20 @@ def test_prepare_data_builtin_prompts_keep_the_pairs_for_evaluation():
     assert data.report.num_truncated > 0
     assert data.val_prompts == [ex.prompt for ex in builtin_dataset("prompt", "test")[:5]]
     assert len(data.val_pairs) == 64 and all(len(ex.responses) == 2 for ex in data.val_pairs)
+
+
+@pytest.mark.parametrize("template_name", ["tokenizer", "chatml"])
+def test_batched_encoding_equals_one_call_per_text(template_name):
+    template = resolve_template(build_byte_tokenizer(), template_name)
+    pairs = builtin_dataset("pair", "test")
+    conversations = [pair.prompt for pair in pairs] + [MULTI_TURN]
+    answers = [text for pair in pairs for text in (pair.chosen, pair.rejected)] + ["", " spaced ", "é 😊"]
+    assert template.encode_prompts(conversations) == [template.encode_prompt(m) for m in conversations]
+    assert template.encode_responses(answers) == [template.encode_response(t) for t in answers]
+    report = LoadReport()
+    tokenized = tokenize_examples(pairs, template, max_length=40, report=report)
+    expected = [truncate_example(template.encode_prompt(p.prompt),
+                                 [template.encode_response(p.chosen), template.encode_response(p.rejected)], 40)
+                for p in pairs]
+    assert [(ex.prompt_ids, ex.responses) for ex in tokenized] == [(e[0], e[1]) for e in expected]
+    assert report.num_truncated == sum(e[2] for e in expected) > 0

@@ -18,7 +18,9 @@ TINY_FLAGS = ["--model", "tiny-random-llama", "--num_eval_generations", "4", "--
               "--logging_steps", "1", "--eval_steps", "0", "--save_steps", "1000", "--max_length", "256"]
 
 
-def run_cli(args: list[str], *, launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], *, launcher: list[str] | None = None, timeout: int = 300,
+            expect_failure: bool = False) -> subprocess.CompletedProcess:
+    """Run the training command; fail the test when it fails (or, with `expect_failure`, when it succeeds)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
     # hpalign takes OMP_NUM_THREADS as its thread count: one per rank under a launcher, else its default.
     if launcher:
@@ -27,6 +29,10 @@ def run_cli(args: list[str], *, launcher: list[str] | None = None, timeout: int 
         env.pop("OMP_NUM_THREADS", None)
     command = launcher + [str(REPO / "launch" / "train.py")] if launcher else [sys.executable, "-m", "hpalign", "rlhf"]
     result = subprocess.run(command + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if expect_failure:
+        if result.returncode == 0:
+            pytest.fail(f"command succeeded, a failure was expected: {' '.join(command + args)}")
+        return result
     if result.returncode != 0:
         pytest.fail(f"command failed ({result.returncode}): {' '.join(command + args)}\n"
                     f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-8000:]}")

@@ -59,7 +59,7 @@ for preset, dtype in [("zero0", torch.float32), ("zero0", torch.bfloat16), ("zer
     inputs = [torch.randn(3, 8) for _ in range(2)]
     config = deepspeed_config(preset, micro_batch_size=3, gradient_accumulation_steps=2, max_grad_norm=0.1,
                               dtype=dtype)
-    engine, _, _ = build_engine(model, ds_config=config, learning_rate=1e-3, weight_decay=0.0, betas=(0.9, 0.999),
+    engine, _ = build_engine(model, ds_config=config, learning_rate=1e-3, weight_decay=0.0, betas=(0.9, 0.999),
                                 num_training_steps=10, warmup_ratio=0.0)
     for x in inputs:
         engine.backward(engine(x.to(dtype)).float().pow(2).sum())

@@ -48,15 +48,28 @@ def test_micro_batch_1_x_accumulation_4_equals_micro_batch_4(tmp_path, rlhf_type
 
 
 def test_resume_equals_uninterrupted(tmp_path):
+    """Resuming from checkpoint-2 of a finished 4-step run: the later steps' losses equal the
+    uninterrupted ones, metrics.jsonl holds each step once, the old checkpoint-4 is set aside."""
     flags = [*COMMON, "--output_dir", str(tmp_path), "--max_steps", "4", "--batch_size", "2",
              "--warmup_ratio", "0.25"]
     run_cli([*flags, "--run_name", "full", "--save_steps", "2"])
-    shutil.copytree(tmp_path / "full", tmp_path / "cut", ignore=shutil.ignore_patterns("checkpoint-4"))
-    (tmp_path / "cut" / "metrics.jsonl").write_text("")
-    run_cli([*flags, "--resume_from_checkpoint", str(tmp_path / "cut" / "checkpoint-2")])
-    uninterrupted = _losses(tmp_path / "full")[2:]
-    resumed = _losses(tmp_path / "cut")
-    _assert_close(uninterrupted, resumed, 1e-6)
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    run_cli([*flags, "--resume_from_checkpoint", str(tmp_path / "cut" / "checkpoint-2"), "--save_steps", "2"])
+    assert [r["step"] for r in train_records(tmp_path / "cut")] == [1, 2, 3, 4]
+    _assert_close(_losses(tmp_path / "full"), _losses(tmp_path / "cut"), 1e-6)
+    assert (tmp_path / "cut" / "superseded" / "checkpoint-4" / "trainer_state.json").exists()
+    assert (tmp_path / "cut" / "checkpoint-4" / "trainer_state.json").exists()
+
+
+def test_resume_latest_without_run_name_and_a_changed_batch_is_refused(tmp_path):
+    flags = [*COMMON, "--output_dir", str(tmp_path), "--batch_size", "2", "--save_steps", "1"]
+    run_cli([*flags, "--max_steps", "2"])
+    changed = run_cli([*flags, "--max_steps", "3", "--resume_from_checkpoint", "latest", "--batch_size", "1"],
+                      expect_failure=True)
+    assert "the data schedule changed (micro_batch_size 2 -> 1" in changed.stderr
+    run_cli([*flags, "--max_steps", "3", "--resume_from_checkpoint", "latest"])
+    (run_dir,) = tmp_path.iterdir()  # no new time-stamped directory: the saved run continued
+    assert [r["step"] for r in train_records(run_dir)] == [1, 2, 3]
 
 
 @pytest.mark.distributed

@@ -1,4 +1,10 @@
-from hpalign.train.schedule import BatchPlan, all_step_indices, micro_batches_for_step, total_steps
+from hpalign.train.schedule import (
+    BatchPlan,
+    all_step_indices,
+    epoch_permutation,
+    micro_batches_for_step,
+    total_steps,
+)
 
 
 def test_micro_batch_layouts_see_the_same_examples_per_step():
@@ -34,3 +40,37 @@ def test_total_steps():
     assert total_steps(plan, num_train_epochs=2, max_steps=-1) == 6
     assert total_steps(plan, num_train_epochs=0.5, max_steps=-1) == 2
     assert total_steps(plan, num_train_epochs=2, max_steps=5) == 5
+
+
+# Computed with the schedule as it was before the permutation was cached (a randperm per rank per
+# step): resume and every stored benchmark order depend on it staying exactly this.
+EXPECTED_GLOBAL_BATCHES = [[6, 0, 4, 1, 5, 8, 3, 7], [2, 9, 6, 0, 4, 1, 5, 8], [7, 4, 9, 2, 3, 6, 0, 8],
+                           [5, 1, 7, 4, 9, 2, 3, 6], [3, 5, 8, 7, 4, 6, 1, 0], [2, 9, 3, 5, 8, 7, 4, 6]]
+EXPECTED_RANK1 = [[[5, 8], [3, 7]], [[4, 1], [5, 8]], [[3, 6], [0, 8]], [[9, 2], [3, 6]], [[4, 6], [1, 0]],
+                  [[8, 7], [4, 6]]]
+
+
+def test_order_is_unchanged_from_the_uncached_schedule():
+    plan = BatchPlan(num_examples=10, micro_batch_size=2, accumulation=2, world_size=2)
+    assert [all_step_indices(plan, step, seed=7) for step in range(6)] == EXPECTED_GLOBAL_BATCHES
+    assert [micro_batches_for_step(plan, step, seed=7, rank=1) for step in range(6)] == EXPECTED_RANK1
+    assert epoch_permutation(10, seed=7, epoch=1) == [7, 4, 9, 2, 3, 6, 0, 8, 5, 1]
+
+
+def test_permutation_is_drawn_once_per_epoch_not_per_rank_per_step(monkeypatch):
+    import torch
+
+    from hpalign.train import schedule
+
+    calls = []
+    real_randperm = torch.randperm
+    monkeypatch.setattr(schedule.torch, "randperm", lambda *a, **k: calls.append(a) or real_randperm(*a, **k))
+    schedule.epoch_order.cache_clear()
+    plan = BatchPlan(num_examples=40, micro_batch_size=2, accumulation=2, world_size=4)  # 3 steps an epoch
+    for step in range(2 * plan.steps_per_epoch):  # what the loop asks each step, on every rank
+        all_step_indices(plan, step, seed=5)
+        for rank in range(plan.world_size):
+            micro_batches_for_step(plan, step, seed=5, rank=rank)
+    assert len(calls) == 2  # one per epoch
+    info = schedule.epoch_order.cache_info()
+    assert (info.misses, info.hits) == (2, 2 * plan.steps_per_epoch * (1 + plan.world_size) - 2)

@@ -30,7 +30,7 @@ def main(out_dir: Path) -> None:
             torch.nn.init.normal_(param, std=0.2, generator=torch.Generator().manual_seed(len(name)))
     ds_config = engine_lib.deepspeed_config("zero3", micro_batch_size=2, gradient_accumulation_steps=1,
                                             max_grad_norm=1.0, dtype=torch.float32)
-    engine, _, _ = engine_lib.build_engine(model, ds_config=ds_config, learning_rate=5e-2, weight_decay=0.0,
+    engine, _ = engine_lib.build_engine(model, ds_config=ds_config, learning_rate=5e-2, weight_decay=0.0,
                                            betas=(0.9, 0.999), num_training_steps=10, warmup_ratio=0.0)
     tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(layout.rank))
     engine.backward(engine(input_ids=tokens, labels=tokens).loss)
