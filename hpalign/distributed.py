@@ -79,18 +79,17 @@ class Collectives:
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over ranks (a new tensor on `device`; the input is not modified)."""
-        self.check_device(tensor, "all_reduce")
-        reduced = tensor.detach().clone()
-        if self.layout.world_size > 1:
-            dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-        return reduced
+        return self._all_reduce(tensor, "SUM")
 
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
         """Elementwise max of `tensor` over ranks (a new tensor on `device`; the input is not modified)."""
+        return self._all_reduce(tensor, "MAX")
+
+    def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         self.check_device(tensor, "all_reduce")
         reduced = tensor.detach().clone()
         if self.layout.world_size > 1:
-            dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+            dist.all_reduce(reduced, op=getattr(dist.ReduceOp, op))
         return reduced
 
     def barrier(self) -> None:

@@ -47,3 +47,13 @@ def train_records(run_dir: Path) -> list[dict]:
 def eval_records(run_dir: Path) -> list[dict]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if any(k.startswith("eval/") for k in r)]
+
+
+def driver_results(source: str, *args: str) -> dict:
+    """Run a one-process driver script (`python -c source args`, DeepSpeed on CPU) and return the
+    JSON it prints after `RESULTS`; fail the test with its stderr when it fails."""
+    result = subprocess.run([sys.executable, "-c", source, *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={"PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu",
+                                              "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.split("RESULTS", 1)[1])

@@ -79,16 +79,9 @@ def test_logged_grad_norm_is_the_global_norm_before_clipping():
     """ZeRO-0 fp32 (DeepSpeed keeps no norm: computed from the all-reduced grads), ZeRO-0 bf16
     (DeepSpeed's fp16/bf16 wrapper), ZeRO-2 and ZeRO-3: the norm of the accumulated gradient,
     before clipping, against a float64 hand computation."""
-    import subprocess
-    import sys
+    from tests.train.conftest import driver_results
 
-    from tests.train.conftest import REPO
-
-    result = subprocess.run([sys.executable, "-c", GRAD_NORM_DRIVER, "29641"], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, env={"PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu",
-                                                         "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-    assert result.returncode == 0, result.stderr[-4000:]
-    results = json.loads(result.stdout.split("RESULTS", 1)[1])
+    results = driver_results(GRAD_NORM_DRIVER, "29641")
     assert len(results) == 5
     for name, (logged, hand) in results.items():
         tolerance = 3e-2 if "bfloat16" in name else 1e-5

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from hpalign.train import nonfinite
 from hpalign.train.nonfinite import GuardReading, NonFiniteError, check_streak, non_finite_flag
-from tests.train.conftest import REPO, TINY_FLAGS, run_cli
+from tests.train.conftest import TINY_FLAGS, driver_results, run_cli
 
 # Steps: 1 finite, 2 NaN loss (so NaN gradients), 3 finite loss with an infinite gradient, 4 finite.
 GUARD_DRIVER = """
@@ -72,11 +70,7 @@ def test_nonfinite_updates_are_skipped_under_every_optimizer_path():
     wrapper), ZeRO-2 and ZeRO-3 (DeepSpeed's own overflow check skips first): the NaN-loss step and
     the infinite-gradient step leave the weights exactly as they were, the finite steps move them,
     and the counters say which step began the streak and how many of its steps had a bad loss."""
-    result = subprocess.run([sys.executable, "-c", GUARD_DRIVER, "29653"], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, env={"PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu",
-                                                         "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-    assert result.returncode == 0, result.stderr[-4000:]
-    results = json.loads(result.stdout.split("RESULTS", 1)[1])
+    results = driver_results(GUARD_DRIVER, "29653")
     assert len(results) == 4
     for name, run in results.items():
         assert run["changed"] == [True, False, False, True], name
