@@ -5,19 +5,15 @@ deepspeed.initialize, the gathered weights are the checkpoint's, and LoRA over i
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from hpalign.tiny_model import build_tiny_llama
+from tests.train.conftest import two_rank_worker_reports
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +24,7 @@ def ranks(tmp_path_factory):
     model, tokenizer = build_tiny_llama(seed=0, tie_word_embeddings=True)  # tied, as SmolLM2
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29771",
-               str(Path(__file__).with_name("partitioned_worker.py")), str(out)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-6000:]
-    return [json.loads((out / f"rank{k}.json").read_text()) for k in range(2)]
+    return two_rank_worker_reports(Path(__file__).with_name("partitioned_worker.py"), out, port=29771)
 
 
 def _assert_half_each(reports: list[dict], *, full_numel: int) -> None:

@@ -57,3 +57,15 @@ def driver_results(source: str, *args: str) -> dict:
                                               "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.split("RESULTS", 1)[1])
+
+
+def two_rank_worker_reports(worker: Path, out_dir: Path, *, port: int, timeout: int = 600) -> list[dict]:
+    """Run `worker out_dir` on 2 CPU ranks under the deepspeed launcher; return the `rank<k>.json`
+    each rank wrote into `out_dir`. Fails the test with the launcher's stderr when it fails."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+               str(worker), str(out_dir)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return [json.loads((out_dir / f"rank{k}.json").read_text()) for k in range(2)]
