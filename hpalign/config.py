@@ -51,6 +51,11 @@ class ModelConfig:
                                   "--packing false: packed rows attend per sequence through sdpa or flash-attn)."})
     ref_model: str | None = field(
         default=None, metadata={"help": "Reference model directory (default: the policy's starting weights)."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run the Python code a model directory ships for its own architecture or "
+                                 "tokenizer (`auto_map` in config.json / tokenizer_config.json): for the policy, "
+                                 "reference, reward and value models. Off: such a directory is refused with the "
+                                 "reason. Turn it on only for directories whose code you trust."})
 
 
 @dataclass

@@ -32,28 +32,31 @@ from torch import nn
 from hpalign.data import templates
 from hpalign.models import ValueHead, base_causal_lm, decoder_of, is_peft_model, resolve_dtype
 from hpalign.models.reward_model import REWARD_OFFSET_KEY
-from hpalign.score import FROM_TRAINER_STATE, load_reward_model
+from hpalign.score import FROM_TRAINER_STATE, add_trust_remote_code_argument, load_reward_model
 
 logger = logging.getLogger(__name__)
 
 
 def export_seq_cls(checkpoint_dir: str | Path, output_dir: str | Path, *, dtype: str = "float32",
                    drop_bias: bool = False, pad_token: str | None = None,
-                   model: str | None = FROM_TRAINER_STATE) -> Path:
+                   model: str | None = FROM_TRAINER_STATE, trust_remote_code: bool = False) -> Path:
     """Write the `--rlhf_type rm` checkpoint `checkpoint_dir` as an HF seq-cls model in `output_dir`.
 
     `dtype`: the saved weights' dtype (merging happens in float32). `drop_bias`: accept a non-zero
     value-head bias (scores then shift by it). `pad_token`: the padding token of the export, needed
-    when the tokenizer pads with the token responses end with. `model`: as in `load_reward_model`.
+    when the tokenizer pads with the token responses end with. `model`, `trust_remote_code`: as in
+    `load_reward_model`.
     """
     output = Path(output_dir).expanduser()
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ValueError(f"output {str(output)!r} exists and is not an empty directory: choose a new --output.")
     torch_dtype = resolve_dtype(dtype)
-    reward_model, tokenizer, template = load_reward_model(checkpoint_dir, model=model, dtype="float32")
+    reward_model, tokenizer, template = load_reward_model(checkpoint_dir, model=model, dtype="float32",
+                                                          trust_remote_code=trust_remote_code)
     offset = _checked_bias(reward_model.value_head, checkpoint_dir, drop_bias=drop_bias)
     pad_id = _export_pad_id(tokenizer, template, pad_token=pad_token, checkpoint_dir=checkpoint_dir)
-    seq_cls = build_seq_cls_model(_merged_lm(reward_model.lm), reward_model.value_head, pad_token_id=pad_id)
+    seq_cls = build_seq_cls_model(_merged_lm(reward_model.lm), reward_model.value_head, pad_token_id=pad_id,
+                                  trust_remote_code=trust_remote_code)
     if offset:
         setattr(seq_cls.config, REWARD_OFFSET_KEY, offset)
     seq_cls.to(torch_dtype)
@@ -124,7 +127,8 @@ def _merged_lm(lm: nn.Module) -> nn.Module:
     return base_causal_lm(lm)
 
 
-def build_seq_cls_model(causal_lm: nn.Module, head: ValueHead, *, pad_token_id: int) -> nn.Module:
+def build_seq_cls_model(causal_lm: nn.Module, head: ValueHead, *, pad_token_id: int,
+                        trust_remote_code: bool = False) -> nn.Module:
     """`<Family>ForSequenceClassification` (num_labels=1) sharing `causal_lm`'s backbone, `score` = the
     head's weight. The shell is built on the meta device, so no second copy of the weights is made."""
     from transformers import AutoModelForSequenceClassification
@@ -135,7 +139,7 @@ def build_seq_cls_model(causal_lm: nn.Module, head: ValueHead, *, pad_token_id: 
     config.architectures = None  # save_pretrained records the seq-cls class
     try:
         with torch.device("meta"):
-            seq_cls = AutoModelForSequenceClassification.from_config(config)
+            seq_cls = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as err:
         raise ValueError(f"transformers has no sequence-classification class for the {config.model_type!r} "
                          f"family of this reward model, so it cannot be exported with --seq_cls: {err}") from None
@@ -181,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "token responses end with (e.g. eos)")
     parser.add_argument("--model", default=FROM_TRAINER_STATE,
                         help="base model of a LoRA checkpoint (default: the one in trainer_state.json)")
+    add_trust_remote_code_argument(parser)
     return parser
 
 
@@ -191,7 +196,7 @@ def main(argv: Sequence[str]) -> int:
         raise ValueError("choose an export format: --seq_cls (an HF sequence-classification model) is the one "
                          "supported so far.")
     output = export_seq_cls(args.checkpoint, args.output, dtype=args.dtype, drop_bias=args.drop_bias,
-                            pad_token=args.pad_token, model=args.model)
+                            pad_token=args.pad_token, model=args.model, trust_remote_code=args.trust_remote_code)
     print(f"exported {args.checkpoint} -> {output} (AutoModelForSequenceClassification, num_labels=1)")
     sys.stdout.flush()
     return 0

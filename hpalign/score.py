@@ -21,7 +21,14 @@ import torch
 
 from hpalign.data import collate, templates
 from hpalign.data.types import LoadReport, Message, PreferenceExample, SFTExample, TokenizedExample
-from hpalign.models import ModelSource, RewardModel, load_policy, load_tokenizer, resolve_dtype
+from hpalign.models import (
+    RewardModel,
+    directory_source,
+    load_policy,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model,
+)
 from hpalign.models.reward_model import load_reward_model as attach_value_head
 from hpalign.models.value_head import VALUE_HEAD_BIN, VALUE_HEAD_SAFETENSORS
 
@@ -93,47 +100,49 @@ def _base_spec(directory: Path, model: Any, state: dict[str, Any]) -> str | None
     return state["model"]
 
 
-def _load_lm(directory: Path, spec: str | None, dtype: torch.dtype) -> torch.nn.Module:
+def _load_lm(directory: Path, spec: str | None, dtype: torch.dtype, *, trust_remote_code: bool) -> torch.nn.Module:
     """The trained LM: full weights from `directory`, or the base model plus the saved LoRA adapter."""
     if _has_full_weights(directory):
-        return load_policy(ModelSource(kind="directory", name=str(directory), path=directory), dtype=dtype)
+        return load_policy(directory_source(directory, trust_remote_code=trust_remote_code), dtype=dtype)
     if not (directory / ADAPTER_FILE).is_file():
         raise ValueError(f"{directory} holds neither a LoRA adapter ({ADAPTER_FILE}) nor full weights "
                          f"({FULL_WEIGHTS_FILE} + config.json): is the checkpoint complete?")
     from peft import PeftModel
 
     try:
-        base = load_policy(spec, dtype=dtype)
+        base = load_policy(resolve_model(spec, trust_remote_code=trust_remote_code), dtype=dtype)
     except ValueError as err:
-        raise ValueError(f"cannot rebuild the base model {spec!r} of {directory}: {err} "
-                         "Pass --model with the base model the adapter was trained on.") from None
+        hint = "" if "--trust_remote_code" in str(err) else " Pass --model with the base model the adapter was trained on."
+        raise ValueError(f"cannot rebuild the base model {spec!r} of {directory}: {err}{hint}") from None
     return PeftModel.from_pretrained(base, str(directory))
 
 
-def _load_checkpoint_tokenizer(directory: Path, spec: str | None):
+def _load_checkpoint_tokenizer(directory: Path, spec: str | None, *, trust_remote_code: bool):
     """The tokenizer saved with the checkpoint (what training used), else the base model's."""
     if (directory / "tokenizer_config.json").is_file():
-        return load_tokenizer(ModelSource(kind="directory", name=str(directory), path=directory))
-    return load_tokenizer(spec)
+        return load_tokenizer(directory_source(directory, trust_remote_code=trust_remote_code))
+    return load_tokenizer(resolve_model(spec, trust_remote_code=trust_remote_code))
 
 
 def load_reward_model(checkpoint_dir: str | Path, *, model: str | None = FROM_TRAINER_STATE,
-                      dtype: str = "float32") -> tuple[RewardModel, Any, templates.ChatTemplate]:
+                      dtype: str = "float32", trust_remote_code: bool = False,
+                      ) -> tuple[RewardModel, Any, templates.ChatTemplate]:
     """(reward model in eval mode, tokenizer, chat template) of an `--rlhf_type rm` checkpoint.
 
     `model`: the base model spec the LoRA adapter applies to; by default the `--model` recorded in
     the checkpoint's trainer_state.json (a full fine-tune ignores it: its weights are in the folder).
+    `trust_remote_code`: run code the model directories ship (`hpalign.models.source.directory_source`).
     """
     directory = Path(checkpoint_dir).expanduser()
     _check_checkpoint_dir(directory)
     state = _trainer_state(directory)
     spec = _base_spec(directory, model, state)
     torch_dtype = resolve_dtype(dtype)
-    lm = _load_lm(directory, spec, torch_dtype)
+    lm = _load_lm(directory, spec, torch_dtype, trust_remote_code=trust_remote_code)
     reward_model = attach_value_head(lm, directory)
     reward_model.value_head.to(torch_dtype)  # training keeps the head in the LM's dtype
     reward_model.eval().requires_grad_(False)
-    tokenizer = _load_checkpoint_tokenizer(directory, spec)
+    tokenizer = _load_checkpoint_tokenizer(directory, spec, trust_remote_code=trust_remote_code)
     template = templates.resolve_template(tokenizer, state.get("template", "auto"))
     return reward_model, tokenizer, template
 
@@ -204,7 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--torch_dtype", default="float32", help="float32, bfloat16, float16 or auto")
     parser.add_argument("--output", help="write one JSON line per pair here")
+    add_trust_remote_code_argument(parser)
     return parser
+
+
+def add_trust_remote_code_argument(parser: argparse.ArgumentParser) -> None:
+    """`--trust_remote_code` of the commands that load a checkpoint (train's flag, same meaning)."""
+    from hpalign.cli_args import parse_bool
+
+    parser.add_argument("--trust_remote_code", nargs="?", const=True, default=False, type=parse_bool,
+                        help="true (or the bare flag): run the Python code a model directory ships for its "
+                        "architecture or tokenizer (default false: such a directory is refused with the reason)")
 
 
 def format_table(checkpoint: str, scores: PairScores) -> str:
@@ -230,8 +249,8 @@ def main(argv: Sequence[str]) -> int:
     from hpalign.data.formats import load_examples
 
     args = build_parser().parse_args(list(argv))
-    reward_model, tokenizer, template = load_reward_model(args.checkpoint, model=args.model,
-                                                          dtype=args.torch_dtype)
+    reward_model, tokenizer, template = load_reward_model(args.checkpoint, model=args.model, dtype=args.torch_dtype,
+                                                          trust_remote_code=args.trust_remote_code)
     pairs = load_examples(args.dataset, kind="pair")
     scores = score_pairs(reward_model, tokenizer, template, pairs, batch_size=args.batch_size,
                          max_length=args.max_length)

@@ -42,6 +42,7 @@ from hpalign.models.source import (
     TINY_NAME,
     ModelSource,
     cache_root,
+    directory_source,
     ensure_smollm2_cached,
     resolve_model,
     smollm2_gguf_path,
@@ -51,7 +52,7 @@ from hpalign.models.value_head import ValueHead, load_value_head, save_value_hea
 __all__ = [
     "SMOLLM2_NAME", "TINY_NAME", "ModelSource", "RewardModel", "ValueHead", "is_reward_model",
     "load_reward_model", "split_reward_state_dict", "apply_lora", "base_causal_lm",
-    "cache_root", "decoder_and_head", "decoder_of", "disable_dropout", "ensure_pad_token", "ensure_smollm2_cached", "frozen_copy",
+    "cache_root", "decoder_and_head", "directory_source", "decoder_of", "disable_dropout", "ensure_pad_token", "ensure_smollm2_cached", "frozen_copy",
     "hidden_size", "is_peft_model", "linear_module_names", "load_policy", "load_reference",
     "load_tokenizer", "load_value_head", "lora_target_names", "partitioned_loading", "reference_forward_context",
     "resolve_attn_impl", "resolve_dtype", "resolve_model", "save_pretrained_weights",

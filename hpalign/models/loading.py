@@ -74,7 +74,7 @@ def load_tokenizer(spec: str | ModelSource | None) -> PreTrainedTokenizerBase:
         return ensure_pad_token(build_byte_tokenizer())
     from transformers import AutoTokenizer
 
-    return ensure_pad_token(AutoTokenizer.from_pretrained(source.path))
+    return ensure_pad_token(AutoTokenizer.from_pretrained(source.path, trust_remote_code=source.trust_remote_code))
 
 
 def load_policy(
@@ -129,7 +129,8 @@ def _load_causal_lm(source: ModelSource, *, dtype: torch.dtype, attn_impl: str,
     from transformers import AutoModelForCausalLM
 
     with partitioned_loading(zero3_config):
-        return AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, attn_implementation=attn_impl)
+        return AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, attn_implementation=attn_impl,
+                                                    trust_remote_code=source.trust_remote_code)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from torch import nn
 
 from hpalign.models.access import hidden_size
 from hpalign.models.loading import resolve_attn_impl, resolve_dtype
+from hpalign.models.source import directory_source
 from hpalign.models.value_head import VALUE_HEAD_SAFETENSORS, ValueHead, load_value_head
 
 logger = logging.getLogger(__name__)
@@ -60,21 +61,24 @@ def load_reward_model(lm: nn.Module, directory: str | Path) -> RewardModel:
     return RewardModel(lm, load_value_head(directory, hidden_size(lm)))
 
 
-def load_seq_cls_reward_model(path: str | Path, *, dtype: torch.dtype | str,
-                              attn_impl: str = "sdpa") -> RewardModel:
+def load_seq_cls_reward_model(path: str | Path, *, dtype: torch.dtype | str, attn_impl: str = "sdpa",
+                              trust_remote_code: bool = False) -> RewardModel:
     """An HF sequence-classification checkpoint with one label as a frozen RewardModel (eval mode).
 
     `lm` is the seq-cls model itself (`decoder_of` finds its backbone); `value_head` holds its
     `score` weight (and its bias where the family has one, else 0), so `train.forward.reward_stats`
     scores what `AutoModelForSequenceClassification` scores at the last non-pad token.
+    `trust_remote_code`: as `hpalign.models.source.directory_source` (the directory is checked there).
     """
     from transformers import AutoModelForSequenceClassification
 
     directory = Path(path).expanduser()
     _check_seq_cls_dir(directory)
+    directory_source(directory, trust_remote_code=trust_remote_code)
     torch_dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
     lm = AutoModelForSequenceClassification.from_pretrained(
-        directory, dtype=torch_dtype, attn_implementation=resolve_attn_impl(attn_impl, dtype=torch_dtype))
+        directory, dtype=torch_dtype, attn_implementation=resolve_attn_impl(attn_impl, dtype=torch_dtype),
+        trust_remote_code=trust_remote_code)
     score = getattr(lm, "score", None)
     if not isinstance(score, nn.Linear) or score.out_features != 1:
         raise ValueError(f"{directory}: {type(lm).__name__} has no `score` Linear(hidden, 1) head; hpalign reads "

@@ -33,11 +33,14 @@ _CACHE_MARKERS = ("config.json", "model.safetensors", "tokenizer_config.json")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A resolved `--model`: `kind` is "directory" (load from `path`) or "tiny" (build in memory)."""
+    """A resolved `--model`: `kind` is "directory" (load from `path`) or "tiny" (build in memory);
+    `trust_remote_code`: whether loaders may run the Python code the directory ships (checked by
+    `directory_source`: a directory that needs its own code is refused unless this is set)."""
 
     kind: str
     name: str
     path: Path | None = None
+    trust_remote_code: bool = False
 
 
 def cache_root() -> Path:
@@ -48,10 +51,11 @@ def cache_root() -> Path:
     return Path(xdg).expanduser() / "hpalign"
 
 
-def resolve_model(spec: str | ModelSource | None) -> ModelSource:
+def resolve_model(spec: str | ModelSource | None, *, trust_remote_code: bool = False) -> ModelSource:
     """Map `--model` to a `ModelSource`; converts and caches the embedded SmolLM2 on first use.
 
     Built-in names win over a directory of the same name (pass `./smollm2` to mean the directory).
+    `trust_remote_code` (`--trust_remote_code`): see `directory_source`; a ModelSource passes as is.
     """
     if isinstance(spec, ModelSource):
         return spec
@@ -61,8 +65,63 @@ def resolve_model(spec: str | ModelSource | None) -> ModelSource:
         return ModelSource(kind="tiny", name=TINY_NAME)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return ModelSource(kind="directory", name=spec, path=_checked_model_dir(path))
+        return directory_source(_checked_model_dir(path), name=spec, trust_remote_code=trust_remote_code)
     raise ValueError(_not_found_message(spec))
+
+
+def directory_source(path: Path, *, name: str | None = None, trust_remote_code: bool = False) -> ModelSource:
+    """A local model (or tokenizer) directory as a ModelSource, refused with the reason when it needs
+    its own Python code (`remote_code_reason`) and `trust_remote_code` is off; with it on, the code
+    runs and the log says so. Transformers would refuse too, but naming `trust_remote_code=True`, an
+    argument hpalign users cannot pass."""
+    reason = remote_code_reason(path)
+    if reason and not trust_remote_code:
+        raise ValueError(f"{str(path)!r} {reason}, and hpalign runs no code from a model directory unless asked: "
+                         "pass --trust_remote_code true if you trust that code, or use a model whose architecture "
+                         "transformers itself implements.")
+    if reason:
+        logger.warning("--trust_remote_code: %s %s; that code runs in this process", path, reason)
+    return ModelSource(kind="directory", name=name or str(path), path=path, trust_remote_code=trust_remote_code)
+
+
+def remote_code_reason(path: Path) -> str | None:
+    """Why loading `path` would run Python code shipped in it, or None: transformers runs such code
+    (`auto_map` in config.json / tokenizer_config.json) only where it has no class of its own for the
+    declared `model_type` / `tokenizer_class` (its `resolve_trust_remote_code` rule)."""
+    config = _json_file(path / "config.json")
+    if config.get("auto_map") and not _known_model_type(config.get("model_type")):
+        return (f"declares model_type {config.get('model_type')!r}, which transformers does not implement, with "
+                f"its own code (auto_map in config.json: {sorted(config['auto_map'])})")
+    tokenizer_config = _json_file(path / "tokenizer_config.json")
+    auto_map = tokenizer_config.get("auto_map") or {}
+    if "AutoTokenizer" in auto_map and not _known_tokenizer_class(tokenizer_config.get("tokenizer_class")):
+        return (f"declares tokenizer_class {tokenizer_config.get('tokenizer_class')!r}, which transformers does not "
+                "implement, with its own code (auto_map in tokenizer_config.json)")
+    return None
+
+
+def _json_file(path: Path) -> dict:
+    import json
+
+    if not path.is_file():
+        return {}
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _known_model_type(model_type: object) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING
+
+
+def _known_tokenizer_class(name: object) -> bool:
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    return isinstance(name, str) and tokenizer_class_from_name(name) is not None
 
 
 def _checked_model_dir(path: Path) -> Path:

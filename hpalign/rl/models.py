@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from hpalign.models import (
+    ModelSource,
     RewardModel,
     apply_lora,
     disable_dropout,
@@ -36,6 +37,7 @@ from hpalign.models import (
     is_peft_model,
     load_policy,
     load_reference,
+    resolve_model,
 )
 from hpalign.models.reward_model import is_seq_cls_checkpoint
 from hpalign.models.value_head import VALUE_HEAD_BIN, VALUE_HEAD_SAFETENSORS
@@ -81,16 +83,18 @@ def resolve_reward_checkpoint(spec: str) -> Path:
                      "checkpoint), checkpoint-* folders (an RM run), nor a sequence-classification config.json")
 
 
-def load_frozen_reward_model(spec: str, *, dtype: torch.dtype) -> tuple[RewardModel, Path]:
+def load_frozen_reward_model(spec: str, *, dtype: torch.dtype,
+                              trust_remote_code: bool = False) -> tuple[RewardModel, Path]:
     """(frozen reward model, its directory) from an hpalign RM checkpoint or an HF seq-cls model."""
     path = resolve_reward_checkpoint(spec)
     if is_seq_cls_checkpoint(path):
         from hpalign.models.reward_model import load_seq_cls_reward_model
 
-        return load_seq_cls_reward_model(path, dtype=dtype), path
+        return load_seq_cls_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code), path
     from hpalign.score import load_reward_model
 
-    reward, _, _ = load_reward_model(path, dtype=str(dtype).removeprefix("torch."))
+    reward, _, _ = load_reward_model(path, dtype=str(dtype).removeprefix("torch."),
+                                     trust_remote_code=trust_remote_code)
     return reward, path
 
 
@@ -130,16 +134,19 @@ def value_from_reward(reward: RewardModel, lora: LoraSettings | None) -> tuple[R
     return RewardModel(value_lm, value_head), None, reward_head.eval().requires_grad_(False)
 
 
-def build_ppo_models(*, model: str | None, ref_model: str | None, reward_model: str | None, dtype: torch.dtype,
+def build_ppo_models(*, model: str | ModelSource | None, ref_model: str | ModelSource | None, reward_model: str | None, dtype: torch.dtype,
                      attn_impl: str, gradient_checkpointing: bool, lora: LoraSettings | None, seed: int,
                      no_dropout: bool, with_value: bool = True, with_reference: bool = True,
-                     zero3_config: dict | None = None) -> PPOModelSet:
+                     zero3_config: dict | None = None, trust_remote_code: bool = False) -> PPOModelSet:
     """The models of a rollout run (module docstring), every one on the CPU, frozen ones in eval mode.
     `with_value` False (the GRPO family): no value model, the reward model on its own;
     `with_reference` False (no KL to the reference): no reference copy is made or loaded.
     Under ZeRO-3 (`zero3_config`) the policy, the reference (a second load, not a copy) and a fresh
     value model are loaded partitioned; a reward model is loaded whole and partitioned by DeepSpeed
-    afterwards (its adapter is merged and the value model copied from it, which needs whole weights)."""
+    afterwards (its adapter is merged and the value model copied from it, which needs whole weights).
+    `trust_remote_code` (`--trust_remote_code`) applies to every model loaded here."""
+    model = resolve_model(model, trust_remote_code=trust_remote_code)
+    ref_model = ref_model and resolve_model(ref_model, trust_remote_code=trust_remote_code)
     policy = load_policy(model, dtype=dtype, attn_impl=attn_impl, gradient_checkpointing=gradient_checkpointing,
                          zero3_config=zero3_config)
     reference = None
@@ -151,7 +158,7 @@ def build_ppo_models(*, model: str | None, ref_model: str | None, reward_model: 
         policy = apply_lora(policy, targets=lora.targets, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
     reward = reward_head = reward_dir = value = None
     if reward_model:
-        loaded, reward_dir = load_frozen_reward_model(reward_model, dtype=dtype)
+        loaded, reward_dir = load_frozen_reward_model(reward_model, dtype=dtype, trust_remote_code=trust_remote_code)
         if with_value:
             value, reward, reward_head = value_from_reward(loaded, lora)
         else:
@@ -171,7 +178,7 @@ def build_ppo_models(*, model: str | None, ref_model: str | None, reward_model: 
                        reward_tokenizer_dir=reward_dir)
 
 
-def fresh_value_model(model: str | None, *, dtype: torch.dtype, attn_impl: str, gradient_checkpointing: bool,
+def fresh_value_model(model: str | ModelSource | None, *, dtype: torch.dtype, attn_impl: str, gradient_checkpointing: bool,
                       lora: LoraSettings | None, seed: int, zero3_config: dict | None = None) -> RewardModel:
     """With rule rewards only: the value model starts from the policy's weights with a ZERO head, so
     V = 0 until the value loss has taught it something and the first advantages are the (whitened)

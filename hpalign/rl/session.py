@@ -15,7 +15,7 @@ from hpalign import distributed
 from hpalign.config import Config, save_config, unused_flag_warnings
 from hpalign.data import templates
 from hpalign.hyperparams import CRITIC_FREE_TYPES
-from hpalign.models import ModelSource, RewardModel, load_tokenizer, resolve_dtype
+from hpalign.models import RewardModel, directory_source, load_tokenizer, resolve_dtype, resolve_model
 from hpalign.ops.attention import enable_varlen_attention, varlen_backend
 from hpalign.rl import rewards as rule_rewards
 from hpalign.rl.critic_free import CriticFreeObjective, CriticFreeSettings
@@ -191,11 +191,11 @@ def critic_free_settings(cfg: Config) -> CriticFreeSettings:
         on_policy=a.num_iterations == 1 and cfg.ppo.num_mini_batches == 1)
 
 
-def check_reward_tokenizer(tokenizer, reward_dir: Path | None) -> None:
+def check_reward_tokenizer(tokenizer, reward_dir: Path | None, *, trust_remote_code: bool = False) -> None:
     """The reward model reads the policy's token ids as they are: its tokenizer must be the same."""
     if reward_dir is None or not (reward_dir / "tokenizer_config.json").is_file():
         return
-    reward_tokenizer = load_tokenizer(ModelSource(kind="directory", name=str(reward_dir), path=reward_dir))
+    reward_tokenizer = load_tokenizer(directory_source(reward_dir, trust_remote_code=trust_remote_code))
     if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"the reward model in {reward_dir} has another tokenizer than the policy: hpalign scores "
                          "the policy's token ids directly, so train the reward model from the same base model "
@@ -310,7 +310,7 @@ def make_rollout_engine(name: str, cfg: Config, policy_engine, *, pad_id: int, m
         gpu_memory_utilization=ppo.vllm_gpu_memory_utilization, tensor_parallel_size=ppo.vllm_tensor_parallel_size,
         max_model_len=ppo.vllm_max_model_len or max_prompt_tokens + ppo.response_length,
         max_num_seqs=ppo.local_rollout_forward_batch_size, sleep_mode=ppo.vllm_enable_sleep_mode,
-        bucket_bytes=ppo.vllm_sync_bucket_mb << 20, seed=cfg.train.seed)
+        bucket_bytes=ppo.vllm_sync_bucket_mb << 20, seed=cfg.train.seed, trust_remote_code=cfg.model.trust_remote_code)
     return VLLMRollouts(policy_engine, settings, layout.device, world_size=layout.data_parallel_size)
 
 
@@ -331,7 +331,8 @@ def build_rollout_session(cfg: Config) -> RolloutSession:
     if cfg.ppo.reward_model_type:
         logger.warning("--reward_model_type %s has no effect: hpalign reads the reward model's architecture from "
                        "its own config.json", cfg.ppo.reward_model_type)
-    tokenizer = load_tokenizer(cfg.model.model)
+    trusted = cfg.model.trust_remote_code
+    tokenizer = load_tokenizer(resolve_model(cfg.model.model, trust_remote_code=trusted))
     template = templates.resolve_template(tokenizer, cfg.model.template, cfg.model.model_type)
     data = prepare_data(cfg, "prompt", template)
     if not data.train:
@@ -357,9 +358,9 @@ def build_rollout_session(cfg: Config) -> RolloutSession:
                               reward_model=cfg.ppo.reward_model_id_or_path, dtype=dtype, attn_impl=cfg.model.attn_impl,
                               gradient_checkpointing=cfg.train.gradient_checkpointing, lora=lora, seed=cfg.train.seed,
                               no_dropout=cfg.train.disable_dropout, with_value=not critic_free,
-                              with_reference=with_reference,
+                              with_reference=with_reference, trust_remote_code=trusted,
                               zero3_config=zero3_loading_config(run_deepspeed_config(cfg, dtype)))
-    check_reward_tokenizer(tokenizer, models.reward_tokenizer_dir)
+    check_reward_tokenizer(tokenizer, models.reward_tokenizer_dir, trust_remote_code=trusted)
     if cfg.data.packing:
         backend = varlen_backend(cfg.model.attn_impl)
         for model in (models.policy, models.reference, models.value and models.value.lm,

@@ -217,6 +217,7 @@ class VLLMSettings:
     sleep_mode: bool = False  # CUDA only
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     seed: int = 0
+    trust_remote_code: bool = False  # --trust_remote_code: vLLM reads the config (and its code) the policy saved
 
 
 def kv_cache_bytes(hf_config, *, num_seqs: int, max_model_len: int, dtype: torch.dtype) -> int:
@@ -237,6 +238,7 @@ def engine_kwargs(settings: VLLMSettings, *, model_dir: str, dtype: torch.dtype,
         seed=settings.seed, max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
         tensor_parallel_size=settings.tensor_parallel_size, logprobs_mode="processed_logprobs",
         generation_config="vllm",  # the model's generation_config.json would change the distribution
+        trust_remote_code=settings.trust_remote_code,
     )
     if world_size > 1 or settings.tensor_parallel_size > 1:
         kwargs["distributed_executor_backend"] = "external_launcher"

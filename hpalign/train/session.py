@@ -27,6 +27,7 @@ from hpalign.models import (
     load_reference,
     load_tokenizer,
     resolve_dtype,
+    resolve_model,
     uses_adapter_reference,
 )
 from hpalign.ops.attention import enable_varlen_attention, varlen_backend
@@ -121,14 +122,14 @@ def build_models(cfg: Config, algorithm: Algorithm, dtype: torch.dtype, *, zero3
     off, so no second copy exists; full fine-tuning keeps a frozen copy of the starting weights.
     Under ZeRO-3 (`zero3_config`) both are loaded partitioned, the reference by a second load of
     `--model`: no rank ever holds a whole model."""
-    attn_impl = cfg.model.attn_impl
-    policy = load_policy(cfg.model.model, dtype=dtype, attn_impl=attn_impl,
+    attn_impl, trusted = cfg.model.attn_impl, cfg.model.trust_remote_code
+    policy = load_policy(resolve_model(cfg.model.model, trust_remote_code=trusted), dtype=dtype, attn_impl=attn_impl,
                          gradient_checkpointing=cfg.train.gradient_checkpointing, zero3_config=zero3_config)
     reference = None
     if algorithm.needs_reference and (cfg.tuning.sft_type == "full" or cfg.model.ref_model):
         if cfg.model.ref_model or zero3_config is not None:
-            reference = load_reference(cfg.model.ref_model or cfg.model.model, dtype=dtype, attn_impl=attn_impl,
-                                       zero3_config=zero3_config)
+            reference = load_reference(resolve_model(cfg.model.ref_model or cfg.model.model, trust_remote_code=trusted),
+                                       dtype=dtype, attn_impl=attn_impl, zero3_config=zero3_config)
         else:
             reference = frozen_copy(policy)
     if cfg.tuning.sft_type == "lora":
@@ -229,7 +230,7 @@ def build_session(cfg: Config) -> Session:
     logger.info("run directory: %s", run_dir)
     for warning in unused_flag_warnings(cfg, needs_reference=algorithm.needs_reference):
         logger.warning(warning)
-    tokenizer = load_tokenizer(cfg.model.model)
+    tokenizer = load_tokenizer(resolve_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code))
     template = templates.resolve_template(tokenizer, cfg.model.template, cfg.model.model_type)
     data = prepare_data(cfg, algorithm.data_kind, template)
     if algorithm.data_kind == "kto":

@@ -90,6 +90,10 @@ def test_engine_arguments_per_device(tiny):
                         hf_config=tiny.config)
     assert gpu["gpu_memory_utilization"] == 0.4 and gpu["enable_sleep_mode"] and gpu["dtype"] == "bfloat16"
     assert gpu["distributed_executor_backend"] == "external_launcher" and "kv_cache_memory_bytes" not in gpu
+    assert cpu["trust_remote_code"] is False  # --trust_remote_code reaches vLLM, off by default
+    trusted = VLLMSettings(trust_remote_code=True)
+    assert engine_kwargs(trusted, model_dir="/m", dtype=torch.float32, device=torch.device("cpu"), world_size=1,
+                         hf_config=tiny.config)["trust_remote_code"] is True
 
 
 def test_kv_cache_is_sized_for_the_sequences_decoded_together(tiny):
