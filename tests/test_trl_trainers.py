@@ -166,7 +166,8 @@ def test_phase_recorder(tt):
     recorder.on_log(None, None, None, logs={"loss": 0.69, "logps/chosen": -3.0, "grad_norm": 1.0})
     recorder.on_log(None, None, None, logs={"train_loss": 0.5})  # the end-of-training summary: ignored
     (step,) = recorder.steps
-    assert set(step) == {"seconds", "time/forward", "time/backward", "time/optimizer", "loss", "logps/chosen"}
+    assert set(step) == {"seconds", "time/forward", "time/backward", "time/optimizer", "loss", "logps/chosen",
+                         "computed_positions"}
     assert step["loss"] == 0.69 and all(step[k] >= 0 for k in ("time/forward", "time/backward", "time/optimizer"))
     assert step["seconds"] >= step["time/forward"] + step["time/backward"] + step["time/optimizer"]
 
@@ -202,6 +203,8 @@ def test_run_trl_two_steps(tt, template, tiny_model_dir, tmp_path, rlhf_type):
         assert all(step[name] >= 0 for name in ("time/forward", "time/backward", "time/optimizer"))
         assert step["time/forward"] > 0
         assert step["tokens"] == sum(hpalign_tokens(kind, e, template) for e in data[2 * k:2 * k + 2])
+        # the policy's forwards compute every data token (a pair's prompt once per branch), and padding
+        assert step["computed_positions"] >= step["tokens"]
     # policy == reference: DPO log 2, KTO 0.5 per weight (batch 1 = one desirable w 1.0, one undesirable w 1.5);
     # RM: a fresh head, so only near log 2
     step_one = {"dpo": math.log(2), "kto": 0.5 * (1.0 + 1.5) / 2, "rm": math.log(2)}

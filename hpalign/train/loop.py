@@ -175,6 +175,9 @@ def run_step(engine, *, guard: NonFiniteGuard, algorithm: Algorithm, params, pla
     # its non-pad tokens); the share actually computed is below 1 when prompts are shared.
     # Every rank knows the global data-token count; the computed tokens are this rank's (summed).
     sums["num_computed_tokens"] = torch.tensor(float(sum(int((b.seq_index >= 0).sum()) for b in micro_batches)))
+    # Positions one policy forward computes, row padding included: the work a padded trainer's
+    # batch shape costs, compared in benchmarks/bench_train.py.
+    sums["computed_positions"] = torch.tensor(float(sum(b.input_ids.numel() for b in micro_batches)))
     num_tokens = sum(example_lengths([examples[i] for i in global_indices]))
     seconds = time.perf_counter() - start
     host = {"train/num_tokens": num_tokens, "train/learning_rate": engine.lr_scheduler.get_last_lr()[0],
