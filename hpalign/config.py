@@ -91,7 +91,8 @@ class DataConfig:
     share_prompt: bool = field(
         default=True, metadata={"help": "With packing, lay each pair's prompt out once: the rejected answer "
                                 "attends to the prompt before the chosen one instead of repeating it. Exact "
-                                "(same log-probs); saves the prompt's compute once per pair."})
+                                "(same log-probs); saves the prompt's compute once per pair. Rollouts (GRPO, "
+                                "RLOO, REINFORCE++): the --num_generations completions of a prompt share it."})
     num_eval_generations: int = field(
         default=32, metadata={"help": "Held-out prompts generated greedily for the task metric."})
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per held-out prompt."})

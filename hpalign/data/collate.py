@@ -108,11 +108,26 @@ def _sequences(examples: list[TokenizedExample], *, share_prompt: bool = False) 
     return out
 
 
+def _grouped_sequences(examples: list[TokenizedExample], groups: list[list[int]]) -> list[_Sequence]:
+    """One sequence per (single-response) example, in example order; within a group (examples with
+    the same prompt) the first is prompt + response, the others branches on its prompt."""
+    out: list[_Sequence | None] = [None] * len(examples)
+    for group in groups:
+        first = group[0]
+        prompt = examples[first].prompt_ids
+        for j, e in enumerate(group):
+            response = examples[e].responses[0]
+            out[e] = (_Sequence(prompt + response, len(prompt)) if j == 0 or len(prompt) == 0 else
+                      _Sequence([prompt[-1], *response], 1, len(prompt) - 1, first, len(prompt) - 1))
+    return out
+
+
 def _assemble(examples: list[TokenizedExample], rows: list[list[int]], *, pad_id: int,
-              share_prompt: bool = False) -> SequenceBatch:
-    """Lay the sequences listed per row (sequence ids, in row order) into right-padded tensors."""
+              share_prompt: bool = False, sequences: list[_Sequence] | None = None) -> SequenceBatch:
+    """Lay the sequences listed per row (sequence ids, in row order) into right-padded tensors
+    (`sequences`: laid out by the caller; default `_sequences(examples, share_prompt)`)."""
     num_responses = _num_responses(examples)
-    sequences = _sequences(examples, share_prompt=share_prompt)
+    sequences = sequences or _sequences(examples, share_prompt=share_prompt)
     width = max(sum(len(sequences[s].ids) for s in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -198,6 +213,35 @@ def pack_batch(examples: list[TokenizedExample], *, pad_id: int, max_tokens_per_
     plan = plan_rows(lengths, max_tokens_per_row=max_tokens_per_row or sum(lengths))
     rows = [[e * num_responses + k for e in row for k in range(num_responses)] for row in plan]
     return _assemble(examples, rows, pad_id=pad_id, share_prompt=share_prompt)
+
+
+def prompt_groups(examples: list[TokenizedExample]) -> list[list[int]]:
+    """Runs of consecutive examples with the same prompt ids (GRPO's completions of one prompt)."""
+    groups: list[list[int]] = []
+    for e, example in enumerate(examples):
+        if groups and examples[groups[-1][0]].prompt_ids == example.prompt_ids:
+            groups[-1].append(e)
+        else:
+            groups.append([e])
+    return groups
+
+
+def pack_prompt_groups(examples: list[TokenizedExample], *, pad_id: int,
+                       max_tokens_per_row: int | None = None) -> SequenceBatch:
+    """`pack_batch` for single-response examples where consecutive ones share a prompt (a rollout
+    batch: `num_generations` completions per prompt): each run of equal prompts (`prompt_groups`)
+    lays the prompt out once, the later completions as branches on it (module docstring), and goes
+    into one row whole. Sequence s is example s, as in `pack_batch`: per-sequence results keep the
+    examples' order. With G completions of a P-token prompt, G - 1 prompts' P - 1 tokens are not
+    computed."""
+    if _num_responses(examples) != 1:
+        raise ValueError("pack_prompt_groups takes single-response examples (one completion each)")
+    groups = prompt_groups(examples)
+    sequences = _grouped_sequences(examples, groups)
+    lengths = [sum(len(sequences[e].ids) for e in group) for group in groups]
+    plan = plan_rows(lengths, max_tokens_per_row=max_tokens_per_row or sum(lengths))
+    rows = [[e for g in row for e in groups[g]] for row in plan]
+    return _assemble(examples, rows, pad_id=pad_id, sequences=sequences)
 
 
 def plan_micro_batches(lengths: list[int], *, batch_size: int, max_tokens: int | None = None) -> list[list[int]]:

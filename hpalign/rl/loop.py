@@ -161,6 +161,9 @@ def run_updates(objective: RolloutObjective, rollouts: RolloutBatch, *, settings
     for mini_batches in orders:
         for indices, counts in zip(mini_batches, epoch_counts(rollouts, mini_batches), strict=True):
             total = torch.zeros(len(objective.update_sums), dtype=torch.float64, device=device)
+            # A mini-batch's gradient is a sum over its rollouts, whatever their order: in rollout order,
+            # completions of one prompt sit together in micro-batches and share its layout (collate).
+            indices = sorted(indices)
             for start in range(0, len(indices), settings.batch_size):
                 rows = indices[start:start + settings.batch_size]
                 batch = collate([rollouts.examples[i] for i in rows]).to(device)

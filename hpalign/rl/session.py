@@ -391,7 +391,8 @@ def build_rollout_session(cfg: Config) -> RolloutSession:
     rollout_engine = make_rollout_engine(engine_name, cfg, policy_engine, pad_id=tokenizer.pad_token_id,
                                          max_prompt_tokens=max(len(p.prompt_ids) for p in data.train))
     collate = make_collate(pad_id=tokenizer.pad_token_id, packed=cfg.data.packing,
-                           max_tokens=cfg.data.max_tokens_per_batch)
+                           max_tokens=cfg.data.max_tokens_per_batch,
+                           group_prompts=cfg.data.share_prompt and settings.num_generations > 1)
     logger.info("%s: %d prompts per step (%d per rank) x %d responses, %d steps, %d optimizer steps per step; "
                 "rollouts on %s; rewards: %s", rlhf_type, plan.global_batch, settings.prompts_per_rank,
                 settings.num_generations, num_steps, settings.num_epochs * settings.num_mini_batches, engine_name,

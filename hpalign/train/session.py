@@ -179,10 +179,14 @@ def check_logprob_impl(impl: str) -> None:
         raise ValueError(f"--logprob_impl cuda: {reason}. {CUDA_BUILD_HINT} (as a flag: --logprob_impl auto or torch)")
 
 
-def make_collate(*, pad_id: int, packed: bool, max_tokens: int | None, share_prompt: bool = False):
+def make_collate(*, pad_id: int, packed: bool, max_tokens: int | None, share_prompt: bool = False,
+                 group_prompts: bool = False):
     """Examples -> SequenceBatch: packed rows under the token budget (None: one row), optionally with
-    shared prompts, or one padded row per sequence."""
+    shared prompts, or one padded row per sequence. `group_prompts` (rollouts: single-response
+    examples): consecutive examples with the same prompt share it (`collate.pack_prompt_groups`)."""
     def collate_examples(examples: list) -> collate.SequenceBatch:
+        if packed and group_prompts:
+            return collate.pack_prompt_groups(examples, pad_id=pad_id, max_tokens_per_row=max_tokens)
         if packed:
             return collate.pack_batch(examples, pad_id=pad_id, max_tokens_per_row=max_tokens,
                                       share_prompt=share_prompt)

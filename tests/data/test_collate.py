@@ -10,9 +10,11 @@ import torch
 from hpalign.data.collate import (
     example_lengths,
     pack_batch,
+    pack_prompt_groups,
     pad_batch,
     plan_micro_batches,
     plan_rows,
+    prompt_groups,
     sequence_labels,
 )
 from hpalign.data.types import TokenizedExample
@@ -176,3 +178,29 @@ def test_plan_micro_batches():
     assert plan_micro_batches([5, 5, 5, 5, 5], batch_size=2) == [[0, 1], [2, 3], [4]]
     assert plan_micro_batches([4, 4, 9, 1, 1], batch_size=4, max_tokens=8) == [[0, 1], [2], [3, 4]]
     assert plan_micro_batches([12, 1], batch_size=4, max_tokens=8) == [[0], [1]]
+
+
+def completion(prompt: list[int], response: list[int], name: str) -> TokenizedExample:
+    return TokenizedExample(prompt, [response], name)
+
+
+def test_prompt_groups_share_the_layout_and_keep_the_order():
+    """Completions [a, b] and [c] of prompt [10 11 12], then [d] of prompt [20]: the first completion
+    carries the prompt, the second branches on it (repeats 12, positions from 2, context 2 tokens of
+    sequence 0); sequence ids stay the examples' order, the other prompt is a group of its own."""
+    rollouts = [completion([10, 11, 12], [110, 111], "a"), completion([10, 11, 12], [120], "b"),
+                completion([20], [210, 211], "c")]
+    assert prompt_groups(rollouts) == [[0, 1], [2]]
+    batch = pack_prompt_groups(rollouts, pad_id=PAD)
+    assert batch.input_ids.tolist() == [[10, 11, 12, 110, 111, 12, 120, 20, 210, 211]]
+    assert batch.labels.tolist() == [[-100, -100, 110, 111, -100, 120, -100, 210, 211, -100]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 2]]
+    assert batch.seq_index.tolist() == [[0, 0, 0, 0, 0, 1, 1, 2, 2, 2]]
+    assert batch.context_seq.tolist() == [-1, 0, -1] and batch.context_len.tolist() == [0, 2, 0]
+    assert batch.num_sequences == 3 and batch.num_loss_tokens == pack_batch(rollouts, pad_id=PAD).num_loss_tokens
+    # a token budget puts each group in one row, whole; a prompt seen again later starts a new group
+    budgeted = pack_prompt_groups(rollouts, pad_id=PAD, max_tokens_per_row=7)
+    assert budgeted.seq_index.tolist() == [[0, 0, 0, 0, 0, 1, 1], [2, 2, 2, -1, -1, -1, -1]]
+    assert prompt_groups([*rollouts, rollouts[0]]) == [[0, 1], [2], [3]]
+    with pytest.raises(ValueError, match="single-response"):
+        pack_prompt_groups(EXAMPLES[:1], pad_id=PAD)

@@ -215,3 +215,31 @@ def test_pack_batch_gives_an_over_budget_pair_its_own_row():
     rows = example_rows(batch)
     assert rows[0] == rows[1] and len(rows[0]) == 1
     assert set(batch.seq_index[rows[0][0]].unique().tolist()) == {0, 1}
+
+
+def test_rollout_prompt_groups_give_the_unshared_per_token_logprobs(tiny):
+    """GRPO's completions of one prompt laid out on a shared prompt (`pack_prompt_groups`) score every
+    response token as the unshared packed layout does, gradients included, with fewer positions."""
+    from hpalign.data.collate import pack_prompt_groups
+    from hpalign.train.forward import token_stats
+
+    model, tokenizer = tiny
+    policy = lora_policy(copy.deepcopy(model).float(), targets=["ALL"])
+    enable_varlen_attention(policy)
+    prompts = [list(range(5, 5 + n)) for n in (9, 4)]
+    rollouts = [TokenizedExample(prompt, [list(range(40 + k, 43 + 2 * k))], f"r{i}{k}")
+                for i, prompt in enumerate(prompts) for k in range(3)]
+    results = []
+    for batch in (pack_batch(rollouts, pad_id=tokenizer.pad_token_id),
+                  pack_prompt_groups(rollouts, pad_id=tokenizer.pad_token_id)):
+        policy.zero_grad()
+        stats = token_stats(policy, batch, packed=True)
+        (stats.logps_M * torch.linspace(0.5, 1.5, stats.logps_M.numel())).sum().backward()
+        grads = [p.grad.clone() for p in policy.parameters() if p.grad is not None]
+        results.append((stats, grads, batch.input_ids.numel()))
+    (plain, plain_grads, plain_positions), (shared, shared_grads, shared_positions) = results
+    assert torch.equal(plain.seq_ids_M, shared.seq_ids_M) and torch.equal(plain.offsets_M, shared.offsets_M)
+    torch.testing.assert_close(shared.logps_M, plain.logps_M, atol=1e-5, rtol=1e-5)
+    for a, b in zip(plain_grads, shared_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert shared_positions == plain_positions - 2 * (9 - 1) - 2 * (4 - 1)  # two later completions per prompt
