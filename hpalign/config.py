@@ -191,6 +191,11 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=lambda: ["none"], metadata={"help": "none, wandb, tensorboard."})
     eval_before_train: bool = field(default=True, metadata={"help": "Evaluate the held-out split before training."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: all cores)."})
+    ddp_timeout: int = field(
+        default=1800, metadata={"help": "Seconds a rank waits in a collective before the run fails (the process "
+                                "group's timeout; HF Trainer's name and default). The ranks that read the "
+                                "tokenization cache wait for rank 0 to fill it: raise this for data sets that "
+                                "take longer to tokenize the first time (the log prints the time it took)."})
     disable_dropout: bool | None = field(
         default=None, metadata={"help": "Set every dropout probability of the policy and reference to 0 (the "
                                 "model's, attention's and LoRA's). Default: on for the algorithms with a "
@@ -451,6 +456,7 @@ def _train_errors(t: TrainConfig) -> list[str]:
     _at_least(errors, "eval_steps", t.eval_steps, 0)
     _at_least(errors, "save_total_limit", t.save_total_limit, 1)
     _at_least(errors, "num_threads", t.num_threads, 1)
+    _at_least(errors, "ddp_timeout", t.ddp_timeout, 1)
     errors += _deepspeed_errors(t.deepspeed)
     bad = [r for r in t.report_to if r not in ("none", "wandb", "tensorboard")]
     if bad:

@@ -115,8 +115,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> ProcessLayout:
-    """Initialise torch.distributed once (via DeepSpeed) and record this process's layout."""
+def init_distributed(*, timeout_seconds: int = 1800) -> ProcessLayout:
+    """Initialise torch.distributed once (via DeepSpeed) and record this process's layout.
+    `timeout_seconds` (--ddp_timeout): how long any collective may wait, the barriers of
+    `run_main_first` (ranks waiting for rank 0's first tokenization) included."""
+    import datetime
+
     import deepspeed
 
     if "RANK" not in os.environ:  # plain single process: make a one-rank group
@@ -128,7 +132,8 @@ def init_distributed() -> ProcessLayout:
     if device.type == "cuda":  # before the group exists: NCCL binds each rank to the current device
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
+                                   timeout=datetime.timedelta(seconds=timeout_seconds))
     backend = dist.get_backend()
     set_layout(ProcessLayout(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                              backend=backend, device=device,

@@ -114,8 +114,8 @@ DRIVER = textwrap.dedent('''
 
     real_init = distributed.init_distributed
 
-    def init_with_fake_nccl():
-        layout = dataclasses.replace(real_init(), world_size=1, communication_device=torch.device("meta"))
+    def init_with_fake_nccl(**kwargs):
+        layout = dataclasses.replace(real_init(**kwargs), world_size=1, communication_device=torch.device("meta"))
         distributed.set_layout(layout, FakeNccl())
         return layout
 
@@ -181,3 +181,33 @@ def test_run_main_first_passes_every_barrier_before_raising():
     finally:
         distributed.set_layout(ProcessLayout())
     assert events == ["work", "barrier", "barrier", "barrier"]  # rank 1 is not left waiting
+
+
+def test_ddp_timeout_reaches_the_process_group(monkeypatch):
+    """--ddp_timeout is the process group's timeout: how long ranks wait in `run_main_first`'s barriers
+    while rank 0 tokenizes a large data set for the first time."""
+    import datetime
+
+    import deepspeed
+
+    from hpalign.cli import build_config
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_init_distributed(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(deepspeed, "init_distributed", fake_init_distributed)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(Stop):
+        distributed.init_distributed(timeout_seconds=7200)
+    assert seen["timeout"] == datetime.timedelta(seconds=7200)
+    assert build_config(["--model", "tiny-random-llama"]).train.ddp_timeout == 1800
+    with pytest.raises(ValueError, match="ddp_timeout"):
+        build_config(["--model", "tiny-random-llama", "--ddp_timeout", "0"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -126,12 +127,15 @@ def tokenize_cached(examples: list, template: ChatTemplate, *, max_length: int, 
     if path.exists():
         logger.info("data: tokens of %d examples read from the cache %s", len(examples), path)
     else:
+        started = time.perf_counter()
         try:
             _write(examples, template, max_length, path, key)
         except OSError as err:  # the cache only saves time: a read-only or full disk must not stop the run
             logger.warning("data: cannot write the token cache %s (%s); tokenizing in memory", path, err)
             return tokenize_examples(examples, template, max_length=max_length, report=report)
-        logger.info("data: %d examples tokenized, cached in %s", len(examples), path)
+        # Other ranks waited for this in a barrier: --ddp_timeout must exceed it (say so when close).
+        logger.info("data: %d examples tokenized in %.0f s, cached in %s", len(examples),
+                    time.perf_counter() - started, path)
     encoded = _read(path)
     if len(encoded) != len(examples):
         raise RuntimeError(f"{path}: {len(encoded)} cached rows for {len(examples)} examples; delete the file")

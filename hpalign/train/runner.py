@@ -205,7 +205,7 @@ def resume(session: Session, state: TrainState) -> None:
 def run(cfg: Config) -> int:
     """Train with a resolved, validated config; returns the process exit code."""
     started = time.time()
-    distributed.init_distributed()
+    distributed.init_distributed(timeout_seconds=cfg.train.ddp_timeout)
     configure_threads(cfg)
     seed_everything(cfg.train.seed)
     if cfg.algorithm.rlhf_type in ROLLOUT_TYPES:  # the rollout loop (hpalign/rl/) has its own runner
