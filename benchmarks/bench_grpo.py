@@ -90,7 +90,7 @@ NOTES = (
     "(vLLM: pushing the policy's weights into the engine after every update; HF: none) is counted in generation; "
     "vLLM's start-up (LLM(...)) is not in any step, and its weights and KV cache are in the peak RSS",
     "layout: TRL pads (left-padded prompts, completions padded to the longest); hpalign packs its scoring and "
-    "update passes (no pad tokens computed)",
+    "update passes (no pad tokens computed) and lays each prompt out once for its completions (--share_prompt)",
     "sampling: same prompts, temperature, top_k 0, top_p 1 and stop token, but each tool's own RNG (and hpalign "
     "one seed per completion): completion lengths and rewards differ by chance",
     "reward model (mixed): hpalign scores its own prompt + completion ids (the end-of-turn token included); TRL "
@@ -173,16 +173,26 @@ def reward_kind(args: argparse.Namespace) -> str:
     return ("accuracy" if args.prompts == "builtin" else "model") if args.reward == "auto" else args.reward
 
 
-def decide_checkpointing(args: argparse.Namespace, mean_prompt_tokens: float) -> bool:
-    """--gradient_checkpointing; auto: hpalign's own decision (on with CUDA or full fine-tuning, else on
-    when a micro-batch of prompts + full-length completions averages PPO_CHECKPOINT_MIN_TOKENS)."""
+def decide_checkpointing(args: argparse.Namespace, mean_prompt_tokens: float, model_dir: Path, *,
+                         available_bytes: float | None = None) -> bool:
+    """--gradient_checkpointing; auto: hpalign's own decision (on with CUDA or full fine-tuning, else by
+    memory for a micro-batch of prompts + full-length completions, `hpalign.train.checkpointing`; a
+    partial plan counts as on: both tools then recompute every layer)."""
     if args.gradient_checkpointing != "auto":
         return args.gradient_checkpointing == "true"
     if args.cuda or args.sft_type == "full":
         return True
-    from hpalign.rl.session import PPO_CHECKPOINT_MIN_TOKENS
+    import torch
+    from transformers import AutoConfig
 
-    return args.batch_size * (mean_prompt_tokens + args.response_length) >= PPO_CHECKPOINT_MIN_TOKENS
+    from hpalign.train import checkpointing
+
+    if available_bytes is None:
+        available_bytes = checkpointing.available_memory_per_rank(torch.device("cpu"))
+    plan = checkpointing.plan_checkpointing(
+        tokens=args.batch_size * (mean_prompt_tokens + args.response_length), dtype_bytes=4,
+        shape=checkpointing.ModelShape.of(AutoConfig.from_pretrained(model_dir)), available_bytes=available_bytes)
+    return plan.enabled
 
 
 def grpo_flags(args: argparse.Namespace) -> dict[str, str]:
@@ -393,7 +403,7 @@ def set_up(args: argparse.Namespace, tmp_dir: Path) -> dict:
              **prepare_prompts(tmp_dir, model_dir, args)}
     setup["reward_dir"] = (write_reward_model(model_dir, tmp_dir / "reward-seq-cls", pad_token=setup["pad_token"],
                                               seed=args.seed, form="seq-cls") if reward_kind(args) == "model" else None)
-    setup["gradient_checkpointing"] = decide_checkpointing(args, setup["prompt_tokens_mean"])
+    setup["gradient_checkpointing"] = decide_checkpointing(args, setup["prompt_tokens_mean"], model_dir)
     return setup
 
 

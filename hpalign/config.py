@@ -173,8 +173,14 @@ class TrainConfig:
                              "at the first)."})
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Recompute activations in backward to save memory (default: on with "
-                                "a GPU or full fine-tuning; with LoRA on CPU, on when micro-batches average 512 "
-                                "tokens or more, off for shorter data, where it would cost ~25% time)."})
+                                "a GPU or full fine-tuning; with LoRA on CPU decided by memory: off while a "
+                                "micro-batch's estimated activations fit a quarter of the memory available to the "
+                                "rank, else on for the fewest layers that make them fit; recompute costs ~1/3 "
+                                "more time)."})
+    gradient_checkpointing_layers: int | None = field(
+        default=None, metadata={"help": "With gradient checkpointing on: recompute only the first N decoder "
+                                "layers (the others keep their activations), between all and nothing. Default: "
+                                "every layer, or what the memory rule of --gradient_checkpointing decides."})
     seed: int = field(default=42, metadata={"help": "Seed for data order, init and dropout."})
     eval_steps: int = field(default=100, metadata={"help": "Evaluate held-out preference accuracy every N steps (0: only before and after training, which also run the generation task metric)."})
     save_steps: int = field(default=500, metadata={"help": "Save a checkpoint every N steps (and at the end)."})
@@ -351,8 +357,8 @@ def resolve_defaults(cfg: Config) -> Config:
         if out.algorithm.rlhf_type in ROLLOUT_TYPES and out.tuning.sft_type == "lora":
             out.train.learning_rate = PPO_LORA_LEARNING_RATE
     if out.train.gradient_checkpointing is None and (_has_cuda() or out.tuning.sft_type == "full"):
-        # Else (LoRA on a CPU) it stays unset: the session decides from the data's lengths, see
-        # hpalign.train.session.decide_gradient_checkpointing.
+        # Else (LoRA on a CPU) it stays unset: the session decides by memory, see
+        # hpalign.train.checkpointing.
         out.train.gradient_checkpointing = True
     return out
 
@@ -457,6 +463,7 @@ def _train_errors(t: TrainConfig) -> list[str]:
     _at_least(errors, "save_total_limit", t.save_total_limit, 1)
     _at_least(errors, "num_threads", t.num_threads, 1)
     _at_least(errors, "ddp_timeout", t.ddp_timeout, 1)
+    _at_least(errors, "gradient_checkpointing_layers", t.gradient_checkpointing_layers, 0)
     errors += _deepspeed_errors(t.deepspeed)
     bad = [r for r in t.report_to if r not in ("none", "wandb", "tensorboard")]
     if bad:

@@ -56,36 +56,52 @@ def test_defaults_and_argument_errors(bg):
             bg.parse_args(bad)
 
 
-def test_learning_rate_and_checkpointing_are_hpalign_defaults(bg):
+def test_learning_rate_and_checkpointing_are_hpalign_defaults(bg, tmp_path):
     from hpalign.config import DEFAULT_LEARNING_RATE, PPO_LORA_LEARNING_RATE
-    from hpalign.rl.session import PPO_CHECKPOINT_MIN_TOKENS
+    from hpalign.tiny_model import build_byte_tokenizer, tiny_llama_config
+    from hpalign.train.checkpointing import ACTIVATION_SHARE, ModelShape
 
     assert bg.learning_rate(grpo_args(bg)) == PPO_LORA_LEARNING_RATE
     assert bg.learning_rate(grpo_args(bg, "--sft_type", "full")) == DEFAULT_LEARNING_RATE["full"]
     assert bg.learning_rate(grpo_args(bg, "--learning_rate", "2e-5")) == 2e-5
-    args = grpo_args(bg)  # 8 completions per micro-batch of 53 tokens each + the prompt
-    threshold = PPO_CHECKPOINT_MIN_TOKENS / 8 - 53
-    assert not bg.decide_checkpointing(args, threshold - 1) and bg.decide_checkpointing(args, threshold)
-    assert bg.decide_checkpointing(grpo_args(bg, "--sft_type", "full"), 10.0)
+    config = tiny_llama_config(len(build_byte_tokenizer()))
+    config.save_pretrained(tmp_path)
+    args = grpo_args(bg)  # 8 completions per micro-batch of 53 tokens each + the prompt: 8 x 100 tokens
+    needed = 8 * 100 * ModelShape.of(config).activation_bytes_per_token_layer(4) * config.num_hidden_layers
+    assert not bg.decide_checkpointing(args, 47.0, tmp_path, available_bytes=1.01 * needed / ACTIVATION_SHARE)
+    assert bg.decide_checkpointing(args, 47.0, tmp_path, available_bytes=0.9 * needed / ACTIVATION_SHARE)
+    assert bg.decide_checkpointing(grpo_args(bg, "--sft_type", "full"), 10.0, tmp_path)
     args.cuda = True
-    assert bg.decide_checkpointing(args, 10.0)
-    assert not bg.decide_checkpointing(grpo_args(bg, "--gradient_checkpointing", "false", "--sft_type", "full"), 1e4)
-    assert bg.decide_checkpointing(grpo_args(bg, "--gradient_checkpointing", "true"), 10.0)
+    assert bg.decide_checkpointing(args, 10.0, tmp_path)
+    assert not bg.decide_checkpointing(grpo_args(bg, "--gradient_checkpointing", "false", "--sft_type", "full"), 1e4,
+                                       tmp_path)
+    assert bg.decide_checkpointing(grpo_args(bg, "--gradient_checkpointing", "true"), 10.0, tmp_path)
 
 
-@pytest.mark.parametrize("prompt_tokens", [150, 250])
-def test_checkpointing_auto_is_what_hpalign_decides(bg, prompt_tokens):
+@pytest.mark.parametrize("available_gib", [0.05, 64.0])
+def test_checkpointing_auto_is_what_hpalign_decides(bg, available_gib, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from hpalign.cli import build_config
-    from hpalign.rl.session import decide_ppo_gradient_checkpointing
+    import torch
 
+    from hpalign.cli import build_config
+    from hpalign.rl.session import update_micro_batch_tokens
+    from hpalign.tiny_model import build_tiny_llama
+    from hpalign.train import checkpointing
+    from hpalign.train.session import decide_checkpointing_by_memory
+
+    model, tokenizer = build_tiny_llama(seed=0)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    monkeypatch.setattr(checkpointing, "available_memory_per_rank", lambda device: available_gib * 2**30)
     args = grpo_args(bg)
     cfg = build_config(["--rlhf_type", "grpo", "--batch_size", "8", "--gradient_accumulation_steps", "2",
-                        "--response_length", "53", "--dataset", "x.jsonl", "--reward_funcs", "accuracy"])
+                        "--response_length", "53", "--dataset", "x.jsonl", "--reward_funcs", "accuracy",
+                        "--model", str(tmp_path)])
     assert cfg.train.gradient_checkpointing is None  # LoRA on a CPU: hpalign decides from the data
-    prompts = [SimpleNamespace(prompt_ids=[0] * prompt_tokens)]
-    assert bg.decide_checkpointing(args, prompt_tokens) == decide_ppo_gradient_checkpointing(cfg, prompts)
+    prompts = [SimpleNamespace(prompt_ids=[0] * 200)]
+    decide_checkpointing_by_memory(cfg, tokens=update_micro_batch_tokens(cfg, prompts), dtype=torch.float32)
+    assert bg.decide_checkpointing(args, 200, tmp_path) == cfg.train.gradient_checkpointing == (available_gib < 1)
 
 
 def test_builtin_prompts_are_the_arithmetic_questions(bg):

@@ -92,18 +92,31 @@ def _linear(hidden_CH: torch.Tensor, weight_VH: torch.Tensor, bias_V: torch.Tens
     return torch.addmm(bias_V, hidden_CH, weight_VH.t())
 
 
+def _chunk_entropy(logits_CV: torch.Tensor, lse_C: torch.Tensor) -> torch.Tensor:
+    """H = -sum_v p log p of softmax(logits) per row, fp32, from the chunk's logits and lse (every term
+    >= 0: no cancellation, unlike lse - sum p x)."""
+    logp_CV = logits_CV.float() - lse_C[:, None]
+    return -(logp_CV.exp() * logp_CV).sum(-1)
+
+
 def _forward_chunks(
     hidden_MH: torch.Tensor, weight_VH: torch.Tensor, bias_V: torch.Tensor | None, labels_M: torch.Tensor,
     fwd: Callable[..., tuple[torch.Tensor, torch.Tensor]], chunk_rows: int, logits_MV: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logps_M, lse_M): each chunk's logits are rows of logits_MV if given, else computed and dropped."""
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(logps_M, lse_M, entropy_M or None): each chunk's logits are rows of logits_MV if given, else
+    computed and dropped; the entropy (a metric, no gradient) is read off the same logits, so it
+    costs an elementwise pass instead of a second LM-head matmul."""
     logps_M = torch.empty(hidden_MH.shape[0], dtype=torch.float32, device=hidden_MH.device)
     lse_M = torch.empty_like(logps_M)
+    entropy_M = torch.empty_like(logps_M) if with_entropy else None
     for start in range(0, hidden_MH.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
         logits_CV = _linear(hidden_MH[rows], weight_VH, bias_V) if logits_MV is None else logits_MV[rows]
         logps_M[rows], lse_M[rows] = fwd(logits_CV, labels_M[rows])
-    return logps_M, lse_M
+        if entropy_M is not None:
+            entropy_M[rows] = _chunk_entropy(logits_CV, lse_M[rows])
+    return logps_M, lse_M, entropy_M
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
@@ -118,17 +131,21 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden_MH, weight_VH, bias_V, labels_M, chunk_fns, chunk_rows: int, keep_logits: bool):  # type: ignore[override]
+    def forward(ctx, hidden_MH, weight_VH, bias_V, labels_M, chunk_fns, chunk_rows: int, keep_logits: bool,  # type: ignore[override]
+                with_entropy: bool):
         h_MH = hidden_MH.to(weight_VH.dtype)  # logits in the weight's dtype, as an nn.Linear computes them
         logits_MV = _linear(h_MH, weight_VH, bias_V) if keep_logits else None
-        logps_M, lse_M = _forward_chunks(h_MH, weight_VH, bias_V, labels_M, chunk_fns[0], chunk_rows, logits_MV)
+        logps_M, lse_M, entropy_M = _forward_chunks(h_MH, weight_VH, bias_V, labels_M, chunk_fns[0], chunk_rows,
+                                                    logits_MV, with_entropy)
         ctx.save_for_backward(h_MH, weight_VH, bias_V, labels_M, lse_M, logits_MV)
         ctx.chunk_fns, ctx.chunk_rows, ctx.hidden_dtype = chunk_fns, chunk_rows, hidden_MH.dtype
-        return logps_M
+        entropy_M = logps_M.new_empty(0) if entropy_M is None else entropy_M
+        ctx.mark_non_differentiable(entropy_M)  # a metric
+        return logps_M, entropy_M
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_logps_M):  # type: ignore[override]
+    def backward(ctx, grad_logps_M, _grad_entropy_M):  # type: ignore[override]
         h_MH, weight_VH, bias_V, labels_M, lse_M, logits_MV = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         bwd_inplace, chunk_rows = ctx.chunk_fns[1], ctx.chunk_rows
@@ -149,7 +166,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             torch.autograd.graph.increment_version(logits_MV)  # it now holds gradients: fail loudly on reuse
             _accumulate(logits_MV, h_MH, weight_VH, grad_h, grad_w, grad_b)
         grad_h = None if grad_h is None else grad_h.to(ctx.hidden_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def _accumulate(
@@ -188,7 +205,8 @@ def linear_token_logprobs(
     impl: str = "auto",
     chunk_rows: int | None = None,
     keep_logits: bool | None = None,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """logps[m] = log softmax(hidden_MH[m] @ weight_VH.T + bias_V)[labels_M[m]], the fused op per chunk.
 
     The logits are computed in the weight's dtype (as an nn.Linear computes them); the log-softmax
@@ -215,9 +233,12 @@ def linear_token_logprobs(
         chunk_rows: rows per chunk; None = `default_linear_chunk_rows` (about 128 MiB of fp32-sized
             logits, at least 256 rows where V allows, never more than M).
         keep_logits: True | False | None (see Memory).
+        with_entropy: also return the entropy of every row's softmax (fp32, no gradient: a metric),
+            read off the same logits chunk by chunk.
 
     Returns:
-        logps_M: [M] fp32; differentiable w.r.t. hidden_MH (gradient in its dtype), weight_VH and bias_V.
+        logps_M: [M] fp32; differentiable w.r.t. hidden_MH (gradient in its dtype), weight_VH and bias_V;
+        with `with_entropy`, (logps_M, entropy_M).
     """
     _check_linear_inputs(hidden_MH, weight_VH, labels_M, bias_V)
     num_rows, vocab = hidden_MH.shape[0], weight_VH.shape[0]
@@ -231,8 +252,12 @@ def linear_token_logprobs(
     inputs = (hidden_MH, weight_VH, bias_V)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
         h_MH = hidden_MH.to(weight_VH.dtype)
-        return _forward_chunks(h_MH, weight_VH, bias_V, labels_M, chunk_fns[0], chunk_rows, None)[0]
-    return _LinearTokenLogprobs.apply(hidden_MH, weight_VH, bias_V, labels_M, chunk_fns, chunk_rows, keep_logits)
+        logps_M, _, entropy_M = _forward_chunks(h_MH, weight_VH, bias_V, labels_M, chunk_fns[0], chunk_rows, None,
+                                                with_entropy)
+    else:
+        logps_M, entropy_M = _LinearTokenLogprobs.apply(hidden_MH, weight_VH, bias_V, labels_M, chunk_fns,
+                                                        chunk_rows, keep_logits, with_entropy)
+    return (logps_M, entropy_M) if with_entropy else logps_M
 
 
 def is_plain_linear(module: torch.nn.Module) -> bool:
@@ -289,7 +314,8 @@ def hidden_logprobs(
     impl: str = "auto",
     keep_logits: bool | None = False,
     through_module: bool = False,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs straight from final hidden states: logps[n] = log softmax(lm_head(h_n))[y_n].
 
     Only rows with labels_N != -100 are projected:
@@ -313,9 +339,13 @@ def hidden_logprobs(
         impl: "auto" | "cuda" | "torch" for the fused log-prob op (see `select_logprobs_impl`).
         keep_logits: the linear path's memory mode (see `linear_token_logprobs`; None: by size).
         through_module: run the linear path inside the head's forward, for the module's hooks.
+        with_entropy: also the entropy of softmax(lm_head(h_n)) [N] (fp32, 0 at ignored rows, no
+            gradient): on the linear path read off the op's own logits, on the module path from a
+            no-grad pass of the head per chunk.
 
     Returns:
-        logps_N: [N] fp32, 0 at ignored rows; differentiable w.r.t. hidden_NH and lm_head's parameters.
+        logps_N: [N] fp32, 0 at ignored rows; differentiable w.r.t. hidden_NH and lm_head's parameters;
+        with `with_entropy`, (logps_N, entropy_N).
     """
     if hidden_NH.dim() != 2 or labels_N.shape != hidden_NH.shape[:1]:
         raise ValueError(
@@ -327,14 +357,31 @@ def hidden_logprobs(
     hidden_MH = hidden_NH.index_select(0, kept_M)
     labels_M = labels_N.index_select(0, kept_M)
     full_weight = getattr(lm_head, "weight", None) is not None and lm_head.weight.shape[-1:] == hidden_NH.shape[1:]
+    entropy_M = None
     if is_plain_linear(lm_head) and (through_module or full_weight):  # (an ungathered ZeRO-3 weight is empty)
-        def logps_of(hidden: torch.Tensor) -> torch.Tensor:
+        def logps_of(hidden: torch.Tensor):
             return linear_token_logprobs(hidden, lm_head.weight, labels_M, bias_V=lm_head.bias, impl=impl,
-                                         chunk_rows=chunk_rows, keep_logits=keep_logits)
+                                         chunk_rows=chunk_rows, keep_logits=keep_logits, with_entropy=with_entropy)
 
-        logps_M = run_as_forward(lm_head, logps_of, hidden_MH) if through_module else logps_of(hidden_MH)
+        result = run_as_forward(lm_head, logps_of, hidden_MH) if through_module else logps_of(hidden_MH)
+        logps_M, entropy_M = result if with_entropy else (result, None)
     else:
-        logps_M = _module_logprobs(hidden_MH, lm_head, labels_M, chunk_rows or MODULE_CHUNK_ROWS,
-                                   select_logprobs_impl(impl, hidden_MH))
+        rows = chunk_rows or MODULE_CHUNK_ROWS
+        logps_M = _module_logprobs(hidden_MH, lm_head, labels_M, rows, select_logprobs_impl(impl, hidden_MH))
+        if with_entropy:
+            entropy_M = _module_entropy(hidden_MH.detach(), lm_head, rows)
     logps_N = torch.zeros(labels_N.shape[0], dtype=torch.float32, device=hidden_NH.device)
-    return logps_N.index_copy(0, kept_M, logps_M)
+    logps_N = logps_N.index_copy(0, kept_M, logps_M)
+    if not with_entropy:
+        return logps_N
+    return logps_N, torch.zeros_like(logps_N).index_copy(0, kept_M, entropy_M)
+
+
+@torch.no_grad()
+def _module_entropy(hidden_MH: torch.Tensor, lm_head: torch.nn.Module, chunk_rows: int) -> torch.Tensor:
+    """Entropy [M] of softmax(lm_head(hidden)) per chunk through the module (its hooks apply)."""
+    pieces = []
+    for chunk in hidden_MH.split(chunk_rows):
+        logits_CV = lm_head(chunk).float()
+        pieces.append(_chunk_entropy(logits_CV, torch.logsumexp(logits_CV, dim=-1)))
+    return torch.cat(pieces) if pieces else hidden_MH.new_zeros(0, dtype=torch.float32)

@@ -30,9 +30,10 @@ from hpalign.train.forward import reward_stats, token_stats, token_values
 from hpalign.train.nonfinite import NonFiniteGuard
 from hpalign.train.schedule import BatchPlan, total_steps
 from hpalign.train.session import (
-    CHECKPOINT_MIN_TOKENS,
     check_logprob_impl,
     check_models_on_device,
+    decide_checkpointing_by_memory,
+    limit_checkpointing,
     make_collate,
     make_run_dir,
     run_deepspeed_config,
@@ -144,22 +145,11 @@ def decide_reward_funcs(cfg: Config, *, builtin: bool) -> list[str]:
                      f"({', '.join(rule_rewards.REWARD_FUNCS)})")
 
 
-# Rollout micro-batches are short rows of prompt + response (8 x ~100 tokens on the built-in data: under
-# 1 GB of activations per model for SmolLM2), where recomputation would cost ~25 % of the update phase.
-PPO_CHECKPOINT_MIN_TOKENS = 4 * CHECKPOINT_MIN_TOKENS
-
-
-def decide_ppo_gradient_checkpointing(cfg: Config, prompts: list) -> bool:
-    """--gradient_checkpointing as given; unset (LoRA on a CPU), on when a micro-batch of prompts plus
-    full-length responses averages PPO_CHECKPOINT_MIN_TOKENS tokens."""
-    if cfg.train.gradient_checkpointing is not None:
-        return cfg.train.gradient_checkpointing
+def update_micro_batch_tokens(cfg: Config, prompts: list) -> float:
+    """Positions of an update micro-batch of prompts with full-length responses (each prompt counted
+    per response: an upper bound where completions share it)."""
     mean_prompt = sum(len(p.prompt_ids) for p in prompts) / max(len(prompts), 1)
-    tokens = cfg.train.batch_size * (mean_prompt + cfg.ppo.response_length)
-    enabled = tokens >= PPO_CHECKPOINT_MIN_TOKENS
-    logger.info("gradient checkpointing %s (auto: micro-batches of prompt + response average %.0f tokens; on "
-                "from %d)", "on" if enabled else "off", tokens, PPO_CHECKPOINT_MIN_TOKENS)
-    return enabled
+    return cfg.train.batch_size * (mean_prompt + cfg.ppo.response_length)
 
 
 def rollout_settings(cfg: Config, stop_ids: tuple[int, ...]) -> RolloutSettings:
@@ -342,7 +332,7 @@ def build_rollout_session(cfg: Config) -> RolloutSession:
         keep_arithmetic_prompts(data, num_eval=cfg.data.num_eval_generations)
     rules = rule_rewards.parse_reward_funcs(cfg.ppo.reward_funcs, cfg.ppo.reward_weights)
     dtype = resolve_dtype(cfg.model.torch_dtype)
-    cfg.train.gradient_checkpointing = decide_ppo_gradient_checkpointing(cfg, data.train)
+    decide_checkpointing_by_memory(cfg, tokens=update_micro_batch_tokens(cfg, data.train), dtype=dtype)
     cfg.train.disable_dropout = True if cfg.train.disable_dropout is None else cfg.train.disable_dropout
     old_logprobs = old_logprobs_source(cfg.ppo.old_logprobs, needed=needs_old_logprobs(cfg), dtype=dtype,
                                        engine=engine_name)
@@ -361,6 +351,7 @@ def build_rollout_session(cfg: Config) -> RolloutSession:
                               with_reference=with_reference, trust_remote_code=trusted,
                               zero3_config=zero3_loading_config(run_deepspeed_config(cfg, dtype)))
     check_reward_tokenizer(tokenizer, models.reward_tokenizer_dir, trust_remote_code=trusted)
+    limit_checkpointing(cfg, models.policy, models.value and models.value.lm)
     if cfg.data.packing:
         backend = varlen_backend(cfg.model.attn_impl)
         for model in (models.policy, models.reference, models.value and models.value.lm,

@@ -28,15 +28,16 @@ def backbone_kwargs(batch: SequenceBatch, *, packed: bool) -> dict:
 
 
 def response_logprobs(hidden_NH: torch.Tensor, head: torch.nn.Module, labels_N: torch.Tensor, *,
-                      impl: str = "auto") -> torch.Tensor:
+                      impl: str = "auto", with_entropy: bool = False):
     """log p(label) [N] (0 where label == -100), computing logits only for labelled tokens, with the
     fused log-prob op (`impl`: auto | cuda | torch) at every size and ZeRO stage: a linear head's
     logits are kept while they take at most 512 MiB as fp32, else chunks are recomputed in the
     backward, so no [tokens, vocab] tensor exists; under ZeRO-3 the op runs as the head's own
     forward, so the weight is gathered once per forward (and once for the backward), never per
-    chunk. Any other head (LoRA on the LM head) goes chunk by chunk through the module."""
+    chunk. Any other head (LoRA on the LM head) goes chunk by chunk through the module.
+    `with_entropy`: (log-probs, entropies [N]), the entropies read off the same logits (a metric)."""
     return hidden_logprobs(hidden_NH, head, labels_N, impl=impl, chunk_rows=None, keep_logits=None,
-                           through_module=zero3_partitioned(head))
+                           through_module=zero3_partitioned(head), with_entropy=with_entropy)
 
 
 def sequence_stats(model: torch.nn.Module, batch: SequenceBatch, *, packed: bool,
@@ -91,21 +92,6 @@ def _labelled(batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return keep_N, labels_N[keep_N], batch.seq_index.flatten()[keep_N]
 
 
-ENTROPY_CHUNK_ROWS = 1024  # rows of [rows, vocab] fp32 logits held at once by the entropy pass
-
-
-@torch.no_grad()
-def chunked_entropy(hidden_MH: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-    """Entropy [M] of softmax(head(hidden)), chunk by chunk (no [M, V] tensor; a metric: no grad).
-    Goes through the head module, so ZeRO-3's hooks gather a partitioned head."""
-    out = []
-    for chunk in hidden_MH.split(ENTROPY_CHUNK_ROWS):
-        logits_CV = head(chunk).float()
-        log_probs_CV = torch.log_softmax(logits_CV, dim=-1)
-        out.append(-(log_probs_CV.exp() * log_probs_CV).sum(-1))
-    return torch.cat(out) if out else hidden_MH.new_zeros(0, dtype=torch.float32)
-
-
 def token_stats(model: torch.nn.Module, batch: SequenceBatch, *, packed: bool, logprob_impl: str = "auto",
                 temperature: float = 1.0, with_entropy: bool = False) -> TokenStats:
     """Per-token log-probs (and entropies) of every response token under softmax(logits / temperature).
@@ -121,8 +107,8 @@ def token_stats(model: torch.nn.Module, batch: SequenceBatch, *, packed: bool, l
     hidden_MH = outputs.last_hidden_state.flatten(0, 1)[keep_N]
     if temperature != 1.0:
         hidden_MH = hidden_MH / temperature
-    logps_M = response_logprobs(hidden_MH, head, labels_M, impl=logprob_impl).float()
-    entropy_M = chunked_entropy(hidden_MH.detach(), head) if with_entropy else None
+    result = response_logprobs(hidden_MH, head, labels_M, impl=logprob_impl, with_entropy=with_entropy)
+    logps_M, entropy_M = result if with_entropy else (result, None)
     return TokenStats(seq_ids_M=seq_ids_M, offsets_M=segment_offsets(seq_ids_M, batch.num_sequences),
                       num_sequences=batch.num_sequences, logps_M=logps_M, entropy_M=entropy_M)
 

@@ -32,6 +32,7 @@ from hpalign.models import (
 )
 from hpalign.ops.attention import enable_varlen_attention, varlen_backend
 from hpalign.stats import SequenceStats
+from hpalign.train import checkpointing
 from hpalign.train import engine as engine_lib
 from hpalign.train.datasets import PreparedData, prepare_data
 from hpalign.train.forward import response_token_counts, reward_stats, sequence_stats
@@ -98,23 +99,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# With LoRA on a CPU, checkpointing pays once a micro-batch's activations (about 1 MB per token for
-# SmolLM2-135M) outweigh its ~25 % recompute time: measured at batch 4 x ~250-token pairs, peak RSS
-# 3.8 -> 2.1 GB. Short data (the built-in set at batch 1: ~120 tokens) stays fast without it.
-CHECKPOINT_MIN_TOKENS = 512
+def model_shape(cfg: Config) -> checkpointing.ModelShape:
+    """Layers and widths of --model, read from its config (no weights loaded)."""
+    source = resolve_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
+    if source.kind == "tiny":
+        from hpalign.tiny_model import build_byte_tokenizer, tiny_llama_config
+
+        return checkpointing.ModelShape.of(tiny_llama_config(len(build_byte_tokenizer())))
+    from transformers import AutoConfig
+
+    return checkpointing.ModelShape.of(AutoConfig.from_pretrained(source.path,
+                                                                  trust_remote_code=source.trust_remote_code))
 
 
-def decide_gradient_checkpointing(cfg: Config, examples: list) -> bool:
-    """--gradient_checkpointing as given; left unset (auto, after `resolve_defaults` has turned it on
-    for CUDA and full fine-tuning), on when the micro-batches average CHECKPOINT_MIN_TOKENS tokens."""
+def decide_checkpointing_by_memory(cfg: Config, *, tokens: float, dtype: torch.dtype) -> None:
+    """--gradient_checkpointing left unset (auto: LoRA on a CPU, after `resolve_defaults`): set it, and
+    --gradient_checkpointing_layers, from the memory a micro-batch of `tokens` tokens needs
+    (`checkpointing.plan_checkpointing`); given, it stands (with --gradient_checkpointing_layers, or all)."""
     if cfg.train.gradient_checkpointing is not None:
-        return cfg.train.gradient_checkpointing
+        if not cfg.train.gradient_checkpointing:
+            cfg.train.gradient_checkpointing_layers = None
+        return
+    plan = checkpointing.plan_checkpointing(
+        tokens=tokens, shape=model_shape(cfg), dtype_bytes=torch.finfo(dtype).bits // 8,
+        available_bytes=checkpointing.available_memory_per_rank(distributed.layout().device))
+    cfg.train.gradient_checkpointing = plan.enabled
+    cfg.train.gradient_checkpointing_layers = plan.layers if plan.enabled else None
+    logger.info("gradient checkpointing: %s (micro-batches of %.0f tokens)", plan.describe(), tokens)
+
+
+def micro_batch_tokens(cfg: Config, examples: list) -> float:
+    """Positions a micro-batch computes on average (shared prompts counted once)."""
     lengths = collate.example_lengths(examples, share_prompt=cfg.data.packing and cfg.data.share_prompt)
-    tokens = cfg.train.batch_size * sum(lengths) / max(len(lengths), 1)
-    enabled = tokens >= CHECKPOINT_MIN_TOKENS
-    logger.info("gradient checkpointing %s (auto: micro-batches average %.0f tokens; on from %d)",
-                "on" if enabled else "off", tokens, CHECKPOINT_MIN_TOKENS)
-    return enabled
+    return cfg.train.batch_size * sum(lengths) / max(len(lengths), 1)
+
+
+def limit_checkpointing(cfg: Config, *models) -> None:
+    """--gradient_checkpointing_layers on the trainable models (checkpointing on: every layer unless set)."""
+    if cfg.train.gradient_checkpointing and cfg.train.gradient_checkpointing_layers is not None:
+        for model in models:
+            if model is not None:
+                checkpointing.limit_checkpointed_layers(model, cfg.train.gradient_checkpointing_layers)
 
 
 def build_models(cfg: Config, algorithm: Algorithm, dtype: torch.dtype, *, zero3_config: dict | None = None):
@@ -132,6 +157,7 @@ def build_models(cfg: Config, algorithm: Algorithm, dtype: torch.dtype, *, zero3
                                        dtype=dtype, attn_impl=attn_impl, zero3_config=zero3_config)
         else:
             reference = frozen_copy(policy)
+    limit_checkpointing(cfg, policy)
     if cfg.tuning.sft_type == "lora":
         policy = apply_lora(policy, targets=cfg.tuning.lora_target_modules, rank=cfg.tuning.lora_rank,
                             alpha=cfg.tuning.lora_alpha, dropout=cfg.tuning.lora_dropout)
@@ -240,7 +266,7 @@ def build_session(cfg: Config) -> Session:
     if algorithm.data_kind == "kto":
         report_kto_balance(data.train, cfg)
     dtype = resolve_dtype(cfg.model.torch_dtype)
-    cfg.train.gradient_checkpointing = decide_gradient_checkpointing(cfg, data.train)
+    decide_checkpointing_by_memory(cfg, tokens=micro_batch_tokens(cfg, data.train), dtype=dtype)
     cfg.train.disable_dropout = decide_disable_dropout(cfg, algorithm)
     if distributed.is_main():  # the resolved config, every decision above included
         save_config(cfg, run_dir / "config.yaml")

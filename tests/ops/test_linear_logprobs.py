@@ -396,3 +396,51 @@ def test_hidden_logprobs_with_a_lora_wrapped_head_matches_reference():
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     num_kept = int((labels != IGNORE).sum())
     assert max(head.calls) <= 6 and sum(head.calls) == 2 * num_kept  # forward + checkpoint recompute
+
+
+def _entropy_reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return torch.where(labels != IGNORE, -(logp.exp() * logp).sum(-1), 0.0)
+
+
+@pytest.mark.parametrize("keep_logits", [True, False])
+@pytest.mark.parametrize("grad", [True, False])
+def test_entropy_is_read_off_the_ops_own_logits(keep_logits, grad):
+    """with_entropy: the entropy of every kept row (0 at ignored ones) at no second head matmul, and
+    the log-probs and their gradients exactly as without it."""
+    hidden, weight, bias, labels = make_linear_inputs(13, 8, 37, torch.float32)
+    head = torch.nn.Linear(8, 37)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    grad_out = torch.randn(13)
+    with torch.set_grad_enabled(grad):
+        recorder = OpRecorder()
+        with recorder:
+            logps, entropy = hidden_logprobs(hidden, head, labels, chunk_rows=5, keep_logits=keep_logits,
+                                             with_entropy=True)
+        plain = hidden_logprobs(hidden, head, labels, chunk_rows=5, keep_logits=keep_logits)
+    logits = hidden.detach() @ weight.detach().t() + bias.detach()
+    torch.testing.assert_close(entropy.double(), _entropy_reference(logits, labels), atol=1e-5, rtol=1e-5)
+    assert not entropy.requires_grad and torch.equal(logps, plain)
+    forward_matmuls = [shape for name, shape in recorder.ops if name in ("mm", "addmm")]
+    kept = int((labels != IGNORE).sum())  # each kept row projected once, by the log-prob op itself
+    assert all(shape[1] == 37 for shape in forward_matmuls) and sum(s[0] for s in forward_matmuls) == kept
+    if grad:
+        got = torch.autograd.grad(logps, hidden, grad_out)[0]
+        want = torch.autograd.grad(plain, hidden, grad_out)[0]
+        torch.testing.assert_close(got, want)
+
+
+def test_entropy_through_a_lora_wrapped_head():
+    torch.manual_seed(4)
+    head = FakeLoraHead(8, 30)
+    torch.nn.init.normal_(head.lora_B.weight)
+    hidden = torch.randn(11, 8, requires_grad=True)
+    labels = torch.randint(0, 30, (11,))
+    labels[::4] = IGNORE
+    logps, entropy = hidden_logprobs(hidden, head, labels, chunk_rows=4, with_entropy=True)
+    torch.testing.assert_close(logps, hidden_logprobs(hidden, head, labels, chunk_rows=4))
+    with torch.no_grad():
+        want = _entropy_reference(head(hidden), labels)
+    torch.testing.assert_close(entropy.double(), want, atol=1e-5, rtol=1e-5)

@@ -9,13 +9,13 @@ from hpalign.data.types import TokenizedExample
 from hpalign.rl.session import (
     BUILTIN_REWARD_FUNCS,
     critic_free_settings,
-    decide_ppo_gradient_checkpointing,
     decide_reward_funcs,
     needs_old_logprobs,
     old_logprobs_source,
     ppo_settings,
     rollout_settings,
     steps_between_samples,
+    update_micro_batch_tokens,
 )
 
 
@@ -39,11 +39,9 @@ def test_ppo_batch_defaults_to_eight_prompts_unless_given():
     assert build_config(["--rlhf_type", "dpo"]).train.batch_size == 1
 
 
-def test_gradient_checkpointing_from_prompt_plus_response_tokens():
-    prompts = [TokenizedExample([1] * 40, [], "a")]
-    assert not decide_ppo_gradient_checkpointing(_cfg("--batch_size", "8", "--response_length", "53"), prompts)
-    assert decide_ppo_gradient_checkpointing(_cfg("--batch_size", "32", "--response_length", "53"), prompts)
-    assert not decide_ppo_gradient_checkpointing(_cfg("--gradient_checkpointing", "false"), prompts)
+def test_update_micro_batches_count_prompt_plus_full_length_responses():
+    prompts = [TokenizedExample([1] * 40, [], "a"), TokenizedExample([1] * 60, [], "b")]
+    assert update_micro_batch_tokens(_cfg("--batch_size", "8", "--response_length", "53"), prompts) == 8 * (50 + 53)
 
 
 def test_settings_carry_every_ppo_flag():

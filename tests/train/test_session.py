@@ -6,7 +6,7 @@ import pytest
 
 from hpalign.config import Config
 from hpalign.data.types import TokenizedExample
-from hpalign.train.session import CHECKPOINT_MIN_TOKENS, decide_gradient_checkpointing
+from hpalign.train.session import micro_batch_tokens
 
 
 def pairs(prompt_len: int, response_len: int, count: int = 4) -> list[TokenizedExample]:
@@ -21,22 +21,10 @@ def config(batch_size: int, checkpointing=None, share_prompt=True) -> Config:
     return cfg
 
 
-def test_auto_checkpointing_follows_the_tokens_per_micro_batch(caplog):
-    short = pairs(40, 20)  # 40 + 20 + 1 + 20 = 81 tokens per pair with a shared prompt
-    with caplog.at_level(logging.INFO, logger="hpalign"):
-        assert not decide_gradient_checkpointing(config(batch_size=1), short)
-    assert "gradient checkpointing off (auto: micro-batches average 81 tokens" in caplog.text
-    long = pairs(200, 100)  # 401 per pair: batch 2 = 802 tokens
-    assert decide_gradient_checkpointing(config(batch_size=2), long)
-    assert 401 < CHECKPOINT_MIN_TOKENS <= 802
-    # unshared prompts count twice: 500 per pair
-    assert not decide_gradient_checkpointing(config(batch_size=1, share_prompt=True), long)
-    assert decide_gradient_checkpointing(config(batch_size=1, share_prompt=False), pairs(300, 100))
-
-
-def test_an_explicit_setting_wins():
-    assert decide_gradient_checkpointing(config(batch_size=1, checkpointing=True), pairs(5, 5))
-    assert not decide_gradient_checkpointing(config(batch_size=64, checkpointing=False), pairs(500, 500))
+def test_micro_batch_tokens_count_a_shared_prompt_once():
+    # 40 + 20 + 1 + 20 = 81 positions per pair with a shared prompt, 2 x 60 = 120 without
+    assert micro_batch_tokens(config(batch_size=2), pairs(40, 20)) == 162
+    assert micro_batch_tokens(config(batch_size=2, share_prompt=False), pairs(40, 20)) == 240
 
 
 def test_a_model_off_the_rank_device_stops_the_run():
@@ -88,7 +76,6 @@ def test_attn_impl_reaches_the_loaded_model():
 
 
 def test_disable_dropout_defaults_on_with_a_reference_model_and_says_what_it_overrides(caplog):
-    import logging
 
     from torch import nn
 
