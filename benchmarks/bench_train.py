@@ -718,31 +718,34 @@ def summarise_profile(profile: ProfileRun, args: argparse.Namespace, *, paramete
 
 
 def profiles_table(profiles: list[ProfileRun], *, matmul_peak: float | None, targets: tuple[float, float]) -> str:
-    """One line per data source: hpalign / TRL tokens/s and peak memory, each tool's computed positions per
-    step beside the data tokens, the time per computed position (hpalign / TRL), and both tools' model
-    FLOP/s as a share of the machine's matmul peak."""
-    lines = ["| profile | data tokens/step | TRL s/step | hpalign s/step | tokens/s vs TRL | peak memory vs TRL | "
-             "computed/step TRL | computed/step hpalign | time per computed position vs TRL | "
-             "of matmul peak TRL / hpalign | target |", "|" + "---|" * 11]
+    """One line per data source and hpalign run (its defaults, then each --variant): hpalign / TRL
+    tokens/s and peak memory, each tool's computed positions per step beside the data tokens, the time
+    per computed position (hpalign / TRL), and both tools' model FLOP/s as a share of the machine's
+    matmul peak."""
+    lines = ["| profile | hpalign run | data tokens/step | TRL s/step | hpalign s/step | tokens/s vs TRL | "
+             "peak memory vs TRL | computed/step TRL | computed/step hpalign | time per computed position vs TRL | "
+             "of matmul peak TRL / hpalign | target |", "|" + "---|" * 12]
+
+    def per_position(s: Summary) -> float | None:
+        return s.seconds_per_step / s.computed_positions_per_step if s.computed_positions_per_step else None
+
+    def share(s: Summary) -> str:
+        return f"{100 * s.model_flops_per_second / matmul_peak:.0f} %" if s.model_flops_per_second and matmul_peak else "-"
+
     for profile in profiles:
         by = {s.tool: s for s in profile.summaries}
-        trl, ours = by.get("trl"), by[BASELINE]
+        trl = by.get("trl")
         if trl is None:
             continue
-        speed, memory = ours.tokens_per_second / trl.tokens_per_second, ours.peak_memory_mib / trl.peak_memory_mib
-
-        def per_position(s: Summary) -> float | None:
-            return s.seconds_per_step / s.computed_positions_per_step if s.computed_positions_per_step else None
-
-        def share(s: Summary) -> str:
-            return f"{100 * s.model_flops_per_second / matmul_peak:.0f} %" if s.model_flops_per_second and matmul_peak else "-"
-
-        cost = (f"{per_position(ours) / per_position(trl):.2f}x" if per_position(ours) and per_position(trl) else "-")
-        met = "met" if speed >= targets[0] and memory <= targets[1] else "NOT met"
-        lines.append(f"| {profile.label} | {ours.data_tokens_per_step:.0f} | {trl.seconds_per_step:.2f} | "
-                     f"{ours.seconds_per_step:.2f} | {speed:.2f}x | {memory:.2f}x | "
-                     f"{trl.computed_positions_per_step or 0:.0f} | {ours.computed_positions_per_step or 0:.0f} | "
-                     f"{cost} | {share(trl)} / {share(ours)} | {met} |")
+        for ours in (s for s in profile.summaries if s.tool != "trl"):
+            speed, memory = ours.tokens_per_second / trl.tokens_per_second, ours.peak_memory_mib / trl.peak_memory_mib
+            cost = (f"{per_position(ours) / per_position(trl):.2f}x" if per_position(ours) and per_position(trl)
+                    else "-")
+            met = "met" if speed >= targets[0] and memory <= targets[1] else "NOT met"
+            lines.append(f"| {profile.label} | {ours.tool} | {ours.data_tokens_per_step:.0f} | "
+                         f"{trl.seconds_per_step:.2f} | {ours.seconds_per_step:.2f} | {speed:.2f}x | {memory:.2f}x | "
+                         f"{trl.computed_positions_per_step or 0:.0f} | {ours.computed_positions_per_step or 0:.0f} | "
+                         f"{cost} | {share(trl)} / {share(ours)} | {met} |")
     return ("Per profile (target: tokens/s >= {:g}x TRL at peak memory <= {:g}x; time per computed position "
             "below 1x = hpalign computes each position faster):\n\n".format(*targets) + "\n".join(lines) + "\n")
 

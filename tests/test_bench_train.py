@@ -206,6 +206,6 @@ def test_work_and_profile_tables(bench):
     profile = bench.ProfileRun("short_chat", {}, [], {}, [trl, ours])
     table = bench.profiles_table([profile], matmul_peak=1.4e11, targets=(3.0, 0.5))
     # tokens/s 3x at 0.44x the memory: met; per computed position 6.67 / 8.57 ms = 0.78x
-    assert "| short_chat | 600 | 12.00 | 4.00 | 3.00x | 0.44x | 1400 | 600 | 0.78x | 50 % / 64 % | met |" in table
+    assert "| short_chat | hpalign | 600 | 12.00 | 4.00 | 3.00x | 0.44x | 1400 | 600 | 0.78x | 50 % / 64 % | met |" in table
     unknown = bench.Summary("trl", 1.0, 1.0, 1.0, 1.0, 1, {}, data_tokens_per_step=5.0)
     assert "| trl | 5 | - | - | - | - | - |" in bench.work_table([unknown], matmul_peak=None)
