@@ -374,13 +374,19 @@ def test_hidden_logprobs_routes_plain_linear_heads_to_the_fused_linear_op(monkey
         assert not seen and sum(head.calls) == 8
 
 
-def test_hidden_logprobs_with_a_lora_wrapped_head_matches_reference():
-    torch.manual_seed(3)
+def lora_head_inputs(num_rows: int, seed: int):
+    """(a FakeLoraHead 8 -> 30 with a random B, hidden [num_rows, 8] requiring grad, labels, every 4th -100)."""
+    torch.manual_seed(seed)
     head = FakeLoraHead(8, 30)
     torch.nn.init.normal_(head.lora_B.weight)
-    hidden = torch.randn(20, 8, requires_grad=True)
-    labels = torch.randint(0, 30, (20,))
+    hidden = torch.randn(num_rows, 8, requires_grad=True)
+    labels = torch.randint(0, 30, (num_rows,))
     labels[::4] = IGNORE
+    return head, hidden, labels
+
+
+def test_hidden_logprobs_with_a_lora_wrapped_head_matches_reference():
+    head, hidden, labels = lora_head_inputs(20, seed=3)
     grad_out = torch.randn(20)
     logps = hidden_logprobs(hidden, head, labels, chunk_rows=6)
     params = (hidden, head.lora_A.weight, head.lora_B.weight)
@@ -433,12 +439,7 @@ def test_entropy_is_read_off_the_ops_own_logits(keep_logits, grad):
 
 
 def test_entropy_through_a_lora_wrapped_head():
-    torch.manual_seed(4)
-    head = FakeLoraHead(8, 30)
-    torch.nn.init.normal_(head.lora_B.weight)
-    hidden = torch.randn(11, 8, requires_grad=True)
-    labels = torch.randint(0, 30, (11,))
-    labels[::4] = IGNORE
+    head, hidden, labels = lora_head_inputs(11, seed=4)
     logps, entropy = hidden_logprobs(hidden, head, labels, chunk_rows=4, with_entropy=True)
     torch.testing.assert_close(logps, hidden_logprobs(hidden, head, labels, chunk_rows=4))
     with torch.no_grad():
