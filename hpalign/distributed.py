@@ -18,6 +18,7 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -138,7 +139,34 @@ def init_distributed(*, timeout_seconds: int = 1800) -> ProcessLayout:
     set_layout(ProcessLayout(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                              backend=backend, device=device,
                              communication_device=communication_device(backend, device)))
+    if _layout.world_size > 1 and device.type == "cpu":
+        barrier()  # every rank has mapped every segment (DeepSpeed's shm init returns only then)
+        release_shm_segment(rank=_layout.rank)
     return _layout
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_segment_path(*, rank: int, shm_dir: Path = SHM_DIR) -> Path:
+    """DeepSpeed's CPU all-reduce segment of `rank` (csrc/cpu/comm/shm.cpp: `deepspeed_allreduce_buffer_
+    <uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return shm_dir / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_segment(*, rank: int, shm_dir: Path = SHM_DIR) -> bool:
+    """Unlink this rank's all-reduce segment once every rank has mapped it. DeepSpeed's CPU shm
+    all-reduce (used when all ranks share a machine) creates one segment per rank and never unlinks
+    it: every multi-rank CPU run would leave them in /dev/shm, i.e. in RAM, for good (measured: 20
+    segments, 3.9 GB, after a test session). The mappings stay valid after the unlink; the memory
+    returns when the ranks exit, however they exit. Returns whether there was one to remove."""
+    path = shm_segment_path(rank=rank, shm_dir=shm_dir)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def set_layout(layout: ProcessLayout, collectives=None) -> None:

@@ -211,3 +211,21 @@ def test_ddp_timeout_reaches_the_process_group(monkeypatch):
     assert build_config(["--model", "tiny-random-llama"]).train.ddp_timeout == 1800
     with pytest.raises(ValueError, match="ddp_timeout"):
         build_config(["--model", "tiny-random-llama", "--ddp_timeout", "0"])
+
+
+def test_a_ranks_shm_segment_is_released_by_name(tmp_path, monkeypatch):
+    """DeepSpeed's CPU all-reduce segment name (uid, MASTER_ADDR, MASTER_PORT, rank): this rank's goes,
+    another rank's or another run's stays."""
+    import os
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    uid = os.getuid()
+    mine, theirs, other_run = (tmp_path / f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_{port}_{rank}"
+                               for port, rank in ((29555, 1), (29555, 0), (29556, 1)))
+    for path in (mine, theirs, other_run):
+        path.write_bytes(b"x")
+    assert distributed.shm_segment_path(rank=1, shm_dir=tmp_path) == mine
+    assert distributed.release_shm_segment(rank=1, shm_dir=tmp_path)
+    assert not mine.exists() and theirs.exists() and other_run.exists()
+    assert not distributed.release_shm_segment(rank=1, shm_dir=tmp_path)  # already gone: nothing to do

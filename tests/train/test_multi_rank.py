@@ -7,7 +7,9 @@ ranks (the frozen reference: a plain module on the rank's device under ZeRO-0, a
 under ZeRO-3, where the LM head's fused log-prob op runs inside the head's own forward), and
 gradient accumulation 2 x 2 ranks (with ZeRO-2). DPO's ZeRO-3 LoRA runs are in test_invariants.py."""
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +53,5 @@ def test_two_ranks_equal_one_process(tmp_path, single_process, preset, sft_type,
         assert loss_b == pytest.approx(loss_a, abs=1e-4, rel=1e-4), (expected, got)
         assert norm_b == pytest.approx(norm_a, abs=1e-4, rel=1e-4), (expected, got)
     assert got[-1][0] < got[0][0]  # and it trains
+    # DeepSpeed's CPU all-reduce segments of the run are not left in /dev/shm (RAM)
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
