@@ -191,6 +191,13 @@ def world_size() -> int:
     return _layout.world_size
 
 
+def processes_on_this_machine() -> int:
+    """How many of the run's processes share this machine's cores and memory: deepspeed's launcher
+    exports LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE; without either, every process of the run."""
+    local = os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE")
+    return int(local) if local else world_size()
+
+
 def is_main() -> bool:
     return _layout.is_main
 

@@ -14,14 +14,10 @@ memory gets checkpointing; a 24 GB machine training SmolLM2 on 512-token pairs d
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from dataclasses import dataclass
 
 import torch
-
-logger = logging.getLogger("hpalign")
 
 # Activations may take this share of the memory available to a rank (the rest: weights, optimizer
 # state, the allocator's slack, the reference forward's temporaries, other processes).
@@ -67,17 +63,18 @@ class CheckpointPlan:
                 f"GiB, {ACTIVATION_SHARE:.0%} of the memory available to this rank)")
 
 
-def plan_checkpointing(*, tokens: float, shape: ModelShape, dtype_bytes: int, available_bytes: float,
-                       share: float = ACTIVATION_SHARE) -> CheckpointPlan:
-    """The fewest recomputed layers that bring the micro-batch's activations within `share` of
-    `available_bytes`: a recomputed layer keeps only its input (H values per token) of its
+def plan_checkpointing(*, tokens: float, shape: ModelShape, dtype_bytes: int, available_bytes: float) -> CheckpointPlan:
+    """The fewest recomputed layers that bring the micro-batch's activations within ACTIVATION_SHARE
+    of `available_bytes`: a recomputed layer keeps only its input (H values per token) of its
     activations."""
     per_layer = tokens * shape.activation_bytes_per_token_layer(dtype_bytes)
     full = per_layer * shape.num_layers
-    budget = share * available_bytes
+    budget = ACTIVATION_SHARE * available_bytes
     saved_per_layer = per_layer - tokens * shape.hidden_size * dtype_bytes
-    if full <= budget or saved_per_layer <= 0:
-        layers = 0 if full <= budget else shape.num_layers
+    if full <= budget:
+        layers = 0
+    elif saved_per_layer <= 0:
+        layers = shape.num_layers
     else:
         layers = min(shape.num_layers, math.ceil((full - budget) / saved_per_layer))
     return CheckpointPlan(layers=layers, num_layers=shape.num_layers, activation_bytes=full, budget_bytes=budget)
@@ -90,8 +87,9 @@ def available_memory_per_rank(device: torch.device) -> float:
         return float(torch.cuda.mem_get_info(device)[0])
     import psutil
 
-    ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return psutil.virtual_memory().available / max(ranks_on_node, 1)
+    from hpalign.distributed import processes_on_this_machine
+
+    return psutil.virtual_memory().available / processes_on_this_machine()
 
 
 def limit_checkpointed_layers(model: torch.nn.Module, layers: int) -> int:

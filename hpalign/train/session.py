@@ -358,10 +358,7 @@ def training_reference_stats(session: Session):
 def configure_threads(cfg: Config) -> None:
     if torch.cuda.is_available():
         return
-    # The cores are shared by this machine's processes only: deepspeed's launcher exports LOCAL_SIZE,
-    # torchrun LOCAL_WORLD_SIZE.
-    local = os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE")
-    local_processes = int(local) if local else distributed.world_size()
+    local_processes = distributed.processes_on_this_machine()  # the cores are shared by these only
     # --num_threads, else OMP_NUM_THREADS when the caller set it, else this process's share of the cores.
     from_env = os.environ.get("OMP_NUM_THREADS", "")
     threads = cfg.train.num_threads or (int(from_env) if from_env.isdigit() and int(from_env) > 0 else

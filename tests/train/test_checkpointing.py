@@ -84,3 +84,16 @@ def test_partial_checkpointing_recomputes_some_layers_and_keeps_the_gradients():
     for plain, partial in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(partial, plain)
     assert limit_checkpointed_layers(copy.deepcopy(model), 3) == 4
+
+
+def test_host_memory_is_shared_by_the_processes_on_the_machine(monkeypatch):
+    """deepspeed's launcher exports LOCAL_SIZE (torchrun LOCAL_WORLD_SIZE): each rank counts on its share."""
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": 8 * 2**30})())
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_SIZE", "4")
+    assert checkpointing.available_memory_per_rank(torch.device("cpu")) == 2 * 2**30
+    monkeypatch.delenv("LOCAL_SIZE")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert checkpointing.available_memory_per_rank(torch.device("cpu")) == 4 * 2**30
