@@ -30,6 +30,7 @@ from hpalign.models import (
     resolve_model,
 )
 from hpalign.models.reward_model import load_reward_model as attach_value_head
+from hpalign.models.source import RemoteCodeRefused
 from hpalign.models.value_head import VALUE_HEAD_BIN, VALUE_HEAD_SAFETENSORS
 
 STATE_FILE = "trainer_state.json"
@@ -111,8 +112,8 @@ def _load_lm(directory: Path, spec: str | None, dtype: torch.dtype, *, trust_rem
 
     try:
         base = load_policy(resolve_model(spec, trust_remote_code=trust_remote_code), dtype=dtype)
-    except ValueError as err:
-        hint = "" if "--trust_remote_code" in str(err) else " Pass --model with the base model the adapter was trained on."
+    except ValueError as err:  # a refused remote-code directory is the right base: no hint to pass another
+        hint = "" if isinstance(err, RemoteCodeRefused) else " Pass --model with the base model the adapter was trained on."
         raise ValueError(f"cannot rebuild the base model {spec!r} of {directory}: {err}{hint}") from None
     return PeftModel.from_pretrained(base, str(directory))
 

@@ -69,6 +69,10 @@ def resolve_model(spec: str | ModelSource | None, *, trust_remote_code: bool = F
     raise ValueError(_not_found_message(spec))
 
 
+class RemoteCodeRefused(ValueError):
+    """A model directory needs its own Python code and --trust_remote_code is off."""
+
+
 def directory_source(path: Path, *, name: str | None = None, trust_remote_code: bool = False) -> ModelSource:
     """A local model (or tokenizer) directory as a ModelSource, refused with the reason when it needs
     its own Python code (`remote_code_reason`) and `trust_remote_code` is off; with it on, the code
@@ -76,7 +80,7 @@ def directory_source(path: Path, *, name: str | None = None, trust_remote_code: 
     argument hpalign users cannot pass."""
     reason = remote_code_reason(path)
     if reason and not trust_remote_code:
-        raise ValueError(f"{str(path)!r} {reason}, and hpalign runs no code from a model directory unless asked: "
+        raise RemoteCodeRefused(f"{str(path)!r} {reason}, and hpalign runs no code from a model directory unless asked: "
                          "pass --trust_remote_code true if you trust that code, or use a model whose architecture "
                          "transformers itself implements.")
     if reason:

@@ -398,10 +398,7 @@ def build_rollout_session(cfg: Config) -> RolloutSession:
 def build_engines(cfg: Config, models: PPOModelSet, *, dtype: torch.dtype, optimizer_steps: int):
     """((policy engine, value engine or None, frozen reference or None, frozen reward model or None),
     the trainable engines' non-finite guards by name)."""
-    ds_config = engine_lib.deepspeed_config(
-        cfg.train.deepspeed, micro_batch_size=cfg.train.batch_size,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        max_grad_norm=cfg.train.max_grad_norm, dtype=dtype)
+    ds_config = run_deepspeed_config(cfg, dtype)
     engines, guards = [], {}
     for name, model in (("policy", models.policy), ("value", models.value)):
         if model is None:
