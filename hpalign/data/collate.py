@@ -95,31 +95,30 @@ class _Sequence:
     context_len: int = 0
 
 
+def _responses_to_one_prompt(prompt: list[int], responses: list[list[int]], first: int, *,
+                             share_prompt: bool) -> list[_Sequence]:
+    """The sequences of `responses` to `prompt`, the first of them sequence id `first`: each prompt +
+    response, or with `share_prompt` the later ones branches on the first's prompt (module docstring)."""
+    prompt_len = len(prompt)
+    return [_Sequence(prompt + response, prompt_len) if k == 0 or not share_prompt or prompt_len == 0
+            # the last prompt token is repeated: its output predicts this response's first token
+            else _Sequence([prompt[-1], *response], 1, prompt_len - 1, first, prompt_len - 1)
+            for k, response in enumerate(responses)]
+
+
 def _sequences(examples: list[TokenizedExample], *, share_prompt: bool = False) -> list[_Sequence]:
     """Every sequence in example-major order (see the module docstring for shared prompts)."""
-    out = []
-    for e, ex in enumerate(examples):
-        prompt_len, first = len(ex.prompt_ids), e * len(ex.responses)
-        for k, response in enumerate(ex.responses):
-            if k == 0 or not share_prompt or prompt_len == 0:
-                out.append(_Sequence(ex.prompt_ids + response, prompt_len))
-            else:  # the last prompt token is repeated: its output predicts this response's first token
-                out.append(_Sequence([ex.prompt_ids[-1], *response], 1, prompt_len - 1, first, prompt_len - 1))
-    return out
+    return [seq for e, ex in enumerate(examples)
+            for seq in _responses_to_one_prompt(ex.prompt_ids, ex.responses, e * len(ex.responses),
+                                                share_prompt=share_prompt)]
 
 
 def _grouped_sequences(examples: list[TokenizedExample], groups: list[list[int]]) -> list[_Sequence]:
-    """One sequence per (single-response) example, in example order; within a group (examples with
-    the same prompt) the first is prompt + response, the others branches on its prompt."""
-    out: list[_Sequence | None] = [None] * len(examples)
-    for group in groups:
-        first = group[0]
-        prompt = examples[first].prompt_ids
-        for j, e in enumerate(group):
-            response = examples[e].responses[0]
-            out[e] = (_Sequence(prompt + response, len(prompt)) if j == 0 or len(prompt) == 0 else
-                      _Sequence([prompt[-1], *response], 1, len(prompt) - 1, first, len(prompt) - 1))
-    return out
+    """One sequence per (single-response) example, in example order (`groups` are consecutive runs):
+    within a group of examples with the same prompt, the later ones are branches on the first's."""
+    return [seq for group in groups
+            for seq in _responses_to_one_prompt(examples[group[0]].prompt_ids,
+                                                [examples[e].responses[0] for e in group], group[0], share_prompt=True)]
 
 
 def _assemble(examples: list[TokenizedExample], rows: list[list[int]], *, pad_id: int,
@@ -127,7 +126,8 @@ def _assemble(examples: list[TokenizedExample], rows: list[list[int]], *, pad_id
     """Lay the sequences listed per row (sequence ids, in row order) into right-padded tensors
     (`sequences`: laid out by the caller; default `_sequences(examples, share_prompt)`)."""
     num_responses = _num_responses(examples)
-    sequences = sequences or _sequences(examples, share_prompt=share_prompt)
+    if sequences is None:
+        sequences = _sequences(examples, share_prompt=share_prompt)
     width = max(sum(len(sequences[s].ids) for s in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
